@@ -1,0 +1,104 @@
+"""Checkpoints: DeepSpeed's engine state plus kclip's own state, with an atomic `latest` pointer.
+
+Layout: <run>/checkpoints/step_00000100/ holds DeepSpeed's files, `rank_00000.pt` ... (per-rank state: RNG states
+and the rank's teacher-embedding buffer, which differ between ranks) and `COMPLETE` once every rank has written.
+`latest` is replaced atomically only after COMPLETE exists, so a kill during a save leaves the previous checkpoint
+as `latest`.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kclip import dist
+
+COMPLETE = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    return sorted(p for p in ckpt_dir.glob("step_*") if (p / COMPLETE).is_file())
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep_last: int) -> Path:
+    """Collective. Every rank writes its part; rank 0 marks the checkpoint complete, moves `latest`, prunes old ones."""
+    tag = tag_for(step)
+    tag_dir = ckpt_dir / tag
+    if dist.is_main() and tag_dir.exists():
+        shutil.rmtree(tag_dir)  # a partial save of this step from a killed run
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    tmp = tag_dir / f"rank_{dist.rank():05d}.pt.tmp"
+    torch.save(rank_state, tmp)
+    os.replace(tmp, tag_dir / f"rank_{dist.rank():05d}.pt")
+    dist.barrier()
+    if dist.is_main():
+        _atomic_write(tag_dir / COMPLETE, f"world_size={dist.world_size()}\n")
+        _atomic_write(ckpt_dir / "latest", tag)
+        for old in complete_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return tag_dir
+
+
+def resolve(run_dir: Path, resume: str) -> Path:
+    """`latest` (the run's newest complete checkpoint) or a path to a step folder."""
+    if resume == "latest":
+        ckpt_dir = run_dir / "checkpoints"
+        pointer = ckpt_dir / "latest"
+        if not pointer.is_file():
+            raise CheckpointError(f"--resume latest: no checkpoint in {ckpt_dir}")
+        tag_dir = ckpt_dir / pointer.read_text().strip()
+    else:
+        tag_dir = Path(resume)
+    if not (tag_dir / COMPLETE).is_file():
+        others = [p.name for p in complete_checkpoints(tag_dir.parent)]
+        hint = f"; complete checkpoints: {', '.join(others)}" if others else ""
+        raise CheckpointError(f"checkpoint {tag_dir} is missing or incomplete{hint}")
+    return tag_dir
+
+
+def load(engine, tag_dir: Path) -> tuple[dict, dict | None]:
+    """Collective. Returns (client_state, this rank's state or None when the rank did not exist in the saved run)."""
+    try:
+        path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except Exception as e:  # DeepSpeed raises many kinds for damaged files; the user needs the path and the cause
+        raise CheckpointError(f"checkpoint {tag_dir} could not be loaded: {type(e).__name__}: {e}") from e
+    if path is None:
+        raise CheckpointError(f"checkpoint {tag_dir} could not be loaded by DeepSpeed")
+    rank_file = tag_dir / f"rank_{dist.rank():05d}.pt"
+    rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
+    return client_state, rank_state

@@ -1,0 +1,76 @@
+"""`kclip` command line: prepare data, fetch the demo teacher, train, evaluate."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+
+from kclip.config import ConfigError
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"kclip: error: {message}", file=sys.stderr)
+    return code
+
+
+def train_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kclip train", description="Train a Knowledge-CLIP student.")
+    parser.add_argument("--config", required=True, help="named config (demo, smoke, cc3m-llama2-7b-vitb16) or a YAML file")
+    parser.add_argument("--output", required=True, help="run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/")
+    parser.add_argument("--resume", help="latest (the run folder's newest checkpoint), auto (latest if there is one, "
+                        "else start fresh: for requeued jobs), or a checkpoint folder")
+    parser.add_argument("--allow-config-change", action="store_true", help="resume even if the config differs")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100 loss.concept_weight=0")
+    args = parser.parse_args(argv)
+
+    from kclip import dist
+    from kclip.config import load_config
+    from kclip.validate import validate
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        dist.map_launcher_env()
+        validate(cfg, int(os.environ["WORLD_SIZE"]))
+    except ConfigError as e:
+        return _fail(str(e), 2)
+
+    from kclip.checkpoint import CheckpointError
+    from kclip.train import TrainingError, train
+
+    resume = args.resume
+    if resume == "auto":
+        resume = "latest" if os.path.isfile(os.path.join(args.output, "checkpoints", "latest")) else None
+    try:
+        result = train(cfg, args.output, resume=resume, allow_config_change=args.allow_config_change)
+    except (TrainingError, CheckpointError, ConfigError) as e:
+        return _fail(str(e), 1)
+    if dist.is_main():
+        print(json.dumps(result["eval"] or {}, indent=1))
+    return 0
+
+
+COMMANDS = {
+    "prepare": "kclip.data.cli:prepare_main",
+    "fetch-teacher": "kclip.fetch:main",
+    "train": "kclip.cli:train_main",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # The deepspeed launcher puts --local_rank=N in front of the arguments; LOCAL_RANK in the environment says the same.
+    argv = [a for a in argv if not a.startswith("--local_rank=")]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: kclip {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        return 2
+    module, function = COMMANDS[argv[0]].split(":")
+    # Imported on demand: each subcommand pulls in heavy libraries (deepspeed, streaming) only when it runs.
+    return getattr(importlib.import_module(module), function)(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Process-group setup and the few collectives kclip needs.
+
+Every launcher names its ranks differently (the deepspeed launcher, torchrun, SLURM's srun, or nothing at all for a
+plain single process). `map_launcher_env` turns all of them into the variables that torch, DeepSpeed and
+mosaicml-streaming read, so nothing else in kclip looks at launcher-specific variables.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_tasks_per_node(env) -> int:
+    if env.get("SLURM_NTASKS_PER_NODE"):
+        return int(env["SLURM_NTASKS_PER_NODE"])
+    # SLURM_TASKS_PER_NODE looks like "4(x2)" or "4,3": the first count is this layout's per-node size.
+    first = env.get("SLURM_TASKS_PER_NODE", "1").split(",")[0]
+    return int(first.split("(")[0])
+
+
+def _slurm_master_addr(env) -> str:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def map_launcher_env(env: dict | None = None) -> None:
+    """Fill RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR and MASTER_PORT in `env`.
+
+    - deepspeed launcher: sets LOCAL_SIZE but not LOCAL_WORLD_SIZE, which streaming needs (it otherwise fails with
+      `FileExistsError: '/000000_locals'`).
+    - torchrun: sets LOCAL_WORLD_SIZE but not LOCAL_SIZE, which DeepSpeed's CPU accelerator uses as device count.
+    - srun with one task per GPU: only SLURM_* variables exist.
+    - nothing: a single process, world size 1.
+    """
+    env = os.environ if env is None else env
+    if "RANK" not in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env["LOCAL_WORLD_SIZE"] = str(_slurm_tasks_per_node(env))
+        env.setdefault("MASTER_ADDR", _slurm_master_addr(env))
+        env.setdefault("MASTER_PORT", "29500")
+    if "RANK" not in env:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    local_size = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env["WORLD_SIZE"]
+    env["LOCAL_WORLD_SIZE"] = local_size
+    env["LOCAL_SIZE"] = local_size
+    env.setdefault("LOCAL_RANK", "0")
+
+
+def init(timeout_s: float = 600.0) -> None:
+    """Start the default process group (also for a single process: DeepSpeed engines need one).
+
+    `timeout_s` bounds every collective on gloo, so a dead or diverged rank surfaces as an error instead of a hang.
+    """
+    if dist.is_initialized():
+        return
+    map_launcher_env()
+    import deepspeed
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward routes each rank's slice of the summed gradient back to it.
+
+    Every rank's loss depends on every rank's rows, so the gradient of row block r is the sum over ranks of
+    d(loss_rank)/d(block r): an all-reduce of the incoming gradient followed by taking our own block. Combined with
+    DeepSpeed's gradient averaging this gives exactly the gradient of the global mean loss.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks (equal shapes required), differentiably. Identity on one process."""
+    if world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors whose first dimension differs across ranks (no gradient), in rank order."""
+    if world_size() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    counts = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(counts, n)
+    counts = [int(c) for c in counts]
+    padded = torch.zeros((max(counts), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
+
+
+def all_reduce_max(value: int) -> int:
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place and return it."""
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if world_size() > 1:
+        dist.broadcast(t, src=src)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

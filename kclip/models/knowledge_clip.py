@@ -1,0 +1,55 @@
+"""The trainable module handed to DeepSpeed: the student towers plus the Knowledge-CLIP heads."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kclip.config import Config
+from kclip.models.heads import ConceptHeads, DistillProjector
+from kclip.models.student import build_student, clamped_scale, embed_dim
+
+
+class KnowledgeCLIP(nn.Module):
+    """One forward gives everything the three losses need.
+
+    Heads exist only for losses with a non-zero weight, so a plain-CLIP run carries no unused parameters (DeepSpeed
+    and DDP would otherwise wait for gradients that never come)."""
+
+    def __init__(self, cfg: Config, tokenizer, teacher_dim: int | None):
+        super().__init__()
+        self.max_log_scale = cfg.student.max_logit_scale
+        self.student = build_student(cfg.student, tokenizer)
+        dim = embed_dim(self.student)
+        self.projector = None
+        if cfg.loss.distill_weight > 0:
+            if teacher_dim is None:
+                raise ValueError("loss.distill_weight > 0 needs the teacher's hidden size")
+            self.projector = DistillProjector(dim, cfg.student.distill_hidden, teacher_dim)
+        self.concept_heads = None
+        if cfg.loss.concept_weight > 0:
+            self.concept_heads = ConceptHeads(dim, cfg.student.concept_hidden, cfg.concepts.k, cfg.student.concept_heads)
+        if cfg.student.grad_checkpointing:
+            self.student.set_grad_checkpointing(True)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings."""
+        return F.normalize(self.student.encode_image(pixels), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embeddings."""
+        return F.normalize(self.student.encode_text(input_ids, attention_mask), dim=-1)
+
+    def forward(self, pixels, input_ids, attention_mask) -> dict:
+        image_emb = self.encode_image(pixels)
+        text_emb = self.encode_text(input_ids, attention_mask)
+        out = {
+            "image_emb": image_emb,
+            "text_emb": text_emb,
+            "logit_scale": clamped_scale(self.student.logit_scale, self.max_log_scale),
+        }
+        if self.projector is not None:
+            out["distill_pred"] = self.projector(text_emb)
+        if self.concept_heads is not None:
+            out["concept_logits"] = self.concept_heads(image_emb, text_emb)
+        return out

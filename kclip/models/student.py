@@ -1,0 +1,117 @@
+"""The CLIP student: an image tower and a text tower projected into one embedding space, and a learnable temperature.
+
+Two flavours share one interface (`encode_image`, `encode_text`, `logit_scale`):
+- `DualEncoder`: a timm image tower + a transformers CLIP text transformer built from config (trained from scratch,
+  or from a timm checkpoint for the image side);
+- `HFCLIPStudent`: a Hugging Face `CLIPModel` checkpoint, which is what the paper fine-tunes.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import timm
+import torch
+import torch.nn as nn
+from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel
+
+from kclip.config import StudentConfig
+
+
+def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state of each row's last non-pad token (right padding). Under a causal text transformer that token has
+    seen the whole caption; unlike CLIP's argmax-of-EOT trick it works for any tokenizer."""
+    last = attention_mask.long().sum(dim=1).clamp(min=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+# The temperature is kept as a 1-element tensor, not a 0-dim one: DeepSpeed's initial parameter broadcast views every
+# parameter as bytes, which a 0-dim tensor cannot do (deepspeed 0.19.8, engine._broadcast_model).
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, cfg: StudentConfig, vocab_size: int, pad_token_id: int):
+        super().__init__()
+        kwargs = dict(cfg.image_model_kwargs)
+        if "vit" in cfg.image_model:
+            kwargs.setdefault("img_size", cfg.image_size)
+        pretrained = bool(cfg.pretrained_image)
+        if isinstance(cfg.pretrained_image, str):
+            # Offline clusters keep timm weights as local files; timm reads them through the pretrained_cfg overlay.
+            if not os.path.isfile(cfg.pretrained_image):
+                raise FileNotFoundError(f"student.pretrained_image: no such file {cfg.pretrained_image}")
+            kwargs["pretrained_cfg_overlay"] = dict(file=cfg.pretrained_image)
+        self.visual = timm.create_model(cfg.image_model, pretrained=pretrained, num_classes=0, **kwargs)
+        text_cfg = CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.text_width,
+            intermediate_size=4 * cfg.text_width,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=cfg.text_max_len,
+            pad_token_id=pad_token_id,
+        )
+        self.text = CLIPTextModel(text_cfg)
+        self.image_proj = nn.Linear(self.visual.num_features, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor([cfg.init_logit_scale]))
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enabled)
+        if enabled:
+            self.text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.text.gradient_checkpointing_disable()
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image_proj(self.visual(pixels))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.text_proj(last_token_pool(hidden, attention_mask))
+
+
+class HFCLIPStudent(nn.Module):
+    """A pretrained Hugging Face CLIPModel behind the DualEncoder interface."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"student.hf_clip: no such folder {path}")
+        self.clip = CLIPModel.from_pretrained(path)
+        self.clip.logit_scale = nn.Parameter(self.clip.logit_scale.detach().reshape(1))
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        if enabled:
+            self.clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.clip.gradient_checkpointing_disable()
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.clip.get_image_features(pixel_values=pixels)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def build_student(cfg: StudentConfig, tokenizer) -> nn.Module:
+    """The student towers for `cfg`; `tokenizer` fixes the text vocabulary of a DualEncoder."""
+    if cfg.hf_clip:
+        return HFCLIPStudent(cfg.hf_clip)
+    return DualEncoder(cfg, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+
+
+def embed_dim(student: nn.Module) -> int:
+    if isinstance(student, HFCLIPStudent):
+        return student.clip.config.projection_dim
+    return student.image_proj.out_features
+
+
+def clamped_scale(log_scale: torch.Tensor, max_log_scale: float = math.log(100.0)) -> torch.Tensor:
+    """exp(min(log_scale, max)). Clamping in the forward rather than in place after the step keeps the bound correct
+    under every ZeRO stage: in-place edits of the module parameter would not reach ZeRO's fp32 master copy."""
+    return log_scale.clamp(max=max_log_scale).exp()

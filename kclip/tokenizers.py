@@ -1,0 +1,29 @@
+"""Tokenizer loading shared by the data pipeline, the student and the teacher."""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+
+def split_gguf(path: str) -> tuple[str, str | None]:
+    """A teacher path is a folder, or a `.gguf` file that transformers loads as (folder, gguf_file=name)."""
+    if path.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    return path, None
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(spec: str):
+    """`byte`: a file-free byte-level tokenizer (ByT5's: 256 bytes + specials), usable where no vocab can be fetched.
+    Otherwise an HF tokenizer folder or a `.gguf` file. Decoder LMs often lack a pad token: EOS stands in."""
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    if spec == "byte":
+        return ByT5Tokenizer(extra_ids=0)
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f"tokenizer path does not exist: {spec}")
+    folder, gguf_file = split_gguf(spec)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

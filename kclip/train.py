@@ -1,0 +1,301 @@
+"""The Knowledge-CLIP training loop, top to bottom.
+
+Per optimizer step:  batch -> frozen ZeRO-3 teacher embeds the captions (no grad, a collective)
+                     -> student forward -> contrastive (globally gathered) + distillation + concept losses
+                     -> engine.backward / engine.step.
+Every `concepts.recompute_every` steps after a warm-up, the concept centroids are re-fitted from the teacher
+embeddings of recent steps on all ranks and re-matched to the previous ids.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kclip import checkpoint, dist
+from kclip.buffer import EmbeddingBuffer
+from kclip.concepts import ConceptBank
+from kclip.config import Config, diff_configs, from_dict, save_config, to_dict
+from kclip.data.loader import build_loader
+from kclip.ds_config import load_template
+from kclip.evaluate import evaluate_split
+from kclip.losses import KnowledgeCLIPLoss
+from kclip.metrics import MetricsLogger
+from kclip.models.knowledge_clip import KnowledgeCLIP
+from kclip.models.teacher import build_teacher
+from kclip.schedule import lr_at
+from kclip.tokenizers import load_tokenizer
+
+log = logging.getLogger("kclip.train")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def use_bf16(cfg: Config) -> bool:
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
+
+
+def student_ds_config(cfg: Config) -> dict:
+    """The student's DeepSpeed config: the ZeRO template plus every value derived from the run."""
+    world = dist.world_size()
+    per_rank = cfg.train.global_batch_size // world
+    micro = cfg.train.micro_batch_size or per_rank
+    ds = load_template(f"student_zero{cfg.train.zero_stage}")
+    ds.update(
+        train_batch_size=cfg.train.global_batch_size,
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=per_rank // micro,
+        gradient_clipping=cfg.optim.grad_clip,
+        bf16={"enabled": use_bf16(cfg)},
+    )
+    return ds
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW; as in CLIP, gains, biases and the temperature get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=torch.cuda.is_available())
+
+
+class Timer:
+    """Wall-clock milliseconds per phase. On GPU it synchronises so that asynchronous kernels are attributed to the
+    phase that launched them (honest numbers cost a little overlap)."""
+
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.ms[name] = self.ms.get(name, 0.0) + 1000 * (time.perf_counter() - start)
+
+    def pop(self) -> dict[str, float]:
+        out, self.ms = self.ms, {}
+        return out
+
+
+def endless(loader):
+    """Iterate the loader epoch after epoch; streaming advances its epoch on each new iteration."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise TrainingError("the training loader yielded no batch: the dataset is smaller than one global batch")
+
+
+def concept_fit_due(step: int, cfg: Config) -> bool:
+    """After step `step` (0-based) completes: the first fit ends the warm-up, then every `recompute_every` steps."""
+    done = step + 1
+    c = cfg.concepts
+    if done == c.warmup_steps:
+        return True
+    return c.recompute_every > 0 and done > c.warmup_steps and (done - c.warmup_steps) % c.recompute_every == 0
+
+
+def global_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Average scalar terms over ranks in one all-reduce, so logged numbers describe the global batch."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys]).to(dist.device())
+    dist.all_reduce_sum(stacked)
+    stacked /= dist.world_size()
+    return {k: float(v) for k, v in zip(keys, stacked.tolist())}
+
+
+def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_config_change: bool = False) -> dict:
+    """Run training as configured; returns the final metrics. Call on every rank (config already validated)."""
+    run_dir = Path(run_dir)
+    dist.init(cfg.dist.timeout_s)
+    rank, world = dist.rank(), dist.world_size()
+    device = dist.device()
+    if dist.is_main():
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    dist.barrier()
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank
+
+    # The teacher loads first: its hidden size shapes the projector, and it unsets its ZeRO-3 context before the
+    # student is built, so the student is never partitioned.
+    teacher = build_teacher(cfg.teacher) if cfg.needs_teacher else None
+    tokenizer = teacher.tokenizer if cfg.student.tokenizer == "teacher" else load_tokenizer(cfg.student.tokenizer)
+    model = KnowledgeCLIP(cfg, tokenizer, teacher.hidden_size if teacher else None)
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, cfg), config=student_ds_config(cfg)
+    )
+    if cfg.train.compile:
+        engine.compile()
+    accum = engine.gradient_accumulation_steps()
+    loader = build_loader(
+        cfg.data.train, batch_size=engine.train_micro_batch_size_per_gpu(), image_size=cfg.student.image_size,
+        train=True, student_tokenizer=tokenizer, student_max_len=cfg.student.text_max_len,
+        teacher_tokenizer=teacher.tokenizer if teacher else None, teacher_max_len=cfg.teacher.max_len,
+        seed=cfg.train.seed, shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
+        num_canonical_nodes=cfg.data.num_canonical_nodes,
+    )
+    loss_fn = KnowledgeCLIPLoss(cfg.loss)
+    bank = None
+    if cfg.loss.concept_weight > 0:
+        bank = ConceptBank(cfg.concepts.k, teacher.hidden_size, niter=cfg.concepts.niter, seed=cfg.concepts.seed)
+    buffer = EmbeddingBuffer(cfg.concepts.buffer_size)
+    counters = {"skipped_nonfinite": 0, "replaced_samples": 0, "truncated_captions": 0, "samples": 0}
+
+    start_step = 0
+    if resume:
+        tag_dir = checkpoint.resolve(run_dir, resume)
+        client, rank_state = checkpoint.load(engine, tag_dir)
+        changed = diff_configs(from_dict(client["config"]), cfg)
+        changed = [c for c in changed if not c.startswith(("train.steps", "checkpoint.", "log.", "eval.", "dist."))]
+        if changed and not allow_config_change:
+            raise TrainingError("resuming with a changed config (pass --allow-config-change to accept): " + "; ".join(changed))
+        start_step = client["step"]
+        loader.load_state_dict(client["loader"])
+        counters.update(client["counters"])
+        if bank is not None and client.get("concepts"):
+            bank.load_state_dict(client["concepts"])
+        if rank_state is not None and client["world_size"] == world:
+            checkpoint.set_rng_state(rank_state["rng"])
+            buffer.load_state_dict(rank_state["buffer"])
+        elif dist.is_main():
+            log.warning("elastic resume: saved on %d ranks, running on %d; per-rank RNG and embedding buffers restart",
+                        client["world_size"], world)
+
+    def save(step: int) -> None:
+        client_state = {
+            "step": step, "loader": loader.state_dict(), "counters": counters, "world_size": world,
+            "concepts": bank.state_dict() if bank is not None else None, "config": to_dict(cfg),
+        }
+        rank_state = {"rng": checkpoint.rng_state(), "buffer": buffer.state_dict()}
+        checkpoint.save(engine, run_dir / "checkpoints", step, client_state, rank_state, cfg.checkpoint.keep_last)
+
+    logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, config=to_dict(cfg), enabled=dist.is_main(),
+                           wandb_project=cfg.log.wandb_project if cfg.log.wandb else None)
+    val_loader = None
+    if cfg.data.val:
+        val_loader = build_loader(
+            cfg.data.val, batch_size=cfg.eval.batch_size, image_size=cfg.student.image_size, train=False,
+            student_tokenizer=tokenizer, student_max_len=cfg.student.text_max_len, shuffle=False, num_workers=0,
+            label_columns=None,
+        )
+
+    timer = Timer()
+    batches = endless(loader)
+    bad_streak = 0
+    window_start, window_samples, window_micro = time.perf_counter(), 0, 0
+    logit_scale = float("nan")
+    terms_sum: dict[str, torch.Tensor] = {}
+    last_eval: dict = {}
+    for step in range(start_step, cfg.train.steps):
+        lr = lr_at(step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.steps,
+                   min_lr_ratio=cfg.optim.min_lr_ratio)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(accum):
+            with timer("data_ms"):
+                batch = next(batches)
+            counters["replaced_samples"] += int(batch["replaced"].sum())
+            counters["truncated_captions"] += int(batch["truncated"].sum())
+            teacher_emb = soft_labels = None
+            if teacher is not None:
+                with timer("teacher_ms"):
+                    teacher_emb = teacher.embed(batch["teacher_input_ids"], batch["teacher_attention_mask"]).to(device)
+                buffer.add(teacher_emb)
+                if bank is not None and bank.fitted:
+                    soft_labels = bank.soft_labels(teacher_emb, cfg.concepts.tau)
+            with timer("student_ms"):
+                out = engine(batch["pixels"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                total, terms = loss_fn(
+                    image_emb=out["image_emb"], text_emb=out["text_emb"], logit_scale=out["logit_scale"],
+                    distill_pred=out.get("distill_pred"), teacher_emb=teacher_emb,
+                    concept_logits=out.get("concept_logits"), soft_labels=soft_labels,
+                )
+                # All ranks must take the same branch, or the gradient all-reduce would hang: agree on finiteness.
+                finite = torch.tensor([float(torch.isfinite(total.detach()).all())], device=device)
+                finite = dist.all_reduce_sum(finite).item() == world
+                if finite:
+                    engine.backward(total)
+                    engine.step()
+            if not finite:
+                counters["skipped_nonfinite"] += 1
+                bad_streak += 1
+                bad_terms = [k for k, v in terms.items() if not math.isfinite(float(v))] or ["total"]
+                if dist.is_main():
+                    log.warning("step %d: non-finite loss (%s); update skipped", step, ", ".join(bad_terms))
+                if bad_streak >= cfg.train.max_bad_steps:
+                    raise TrainingError(f"step {step}: {bad_streak} consecutive non-finite losses "
+                                        f"(terms: {', '.join(bad_terms)}); stopping")
+                continue
+            bad_streak = 0
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + v.detach()
+            terms_sum["total"] = terms_sum.get("total", 0.0) + total.detach()
+            logit_scale = float(out["logit_scale"].detach())
+            window_micro += 1
+            counters["samples"] += batch["pixels"].shape[0] * world
+            window_samples += batch["pixels"].shape[0] * world
+
+        fit_stats = None
+        if bank is not None and concept_fit_due(step, cfg):
+            with timer("kmeans_ms"):
+                fit_stats = bank.fit(buffer.tensor())
+
+        if (step + 1) % cfg.log.every == 0 or step + 1 == cfg.train.steps or fit_stats is not None:
+            values = global_mean({f"loss/{k}": v / max(1, window_micro) for k, v in terms_sum.items()})
+            elapsed = time.perf_counter() - window_start
+            values.update(
+                lr=lr, logit_scale=logit_scale, samples_per_s=window_samples / max(elapsed, 1e-9),
+                **{k: v / max(1, window_micro) for k, v in timer.pop().items()},
+                **{f"count/{k}": v for k, v in counters.items()},
+            )
+            if teacher is not None:
+                values.update(teacher_tokens=teacher.tokens_processed, teacher_tokens_padded=teacher.tokens_padded)
+            if fit_stats is not None:
+                values.update({f"concepts/{k}": v for k, v in fit_stats.items()})
+            logger.log(step + 1, values)
+            if dist.is_main():
+                log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step + 1, cfg.train.steps,
+                         values.get("loss/total", float("nan")), lr, values["samples_per_s"])
+            terms_sum, window_start, window_samples, window_micro = {}, time.perf_counter(), 0, 0
+
+        if val_loader is not None and cfg.eval.every and (step + 1) % cfg.eval.every == 0:
+            last_eval = evaluate_split(engine.module, val_loader, device)
+            logger.log(step + 1, {f"eval/{k}": v for k, v in last_eval.items()})
+        if (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.train.steps:
+            save(step + 1)
+
+    if start_step < cfg.train.steps or not resume:
+        save(cfg.train.steps)
+    if val_loader is not None:
+        last_eval = evaluate_split(engine.module, val_loader, device)
+        logger.log(cfg.train.steps, {f"eval/{k}": v for k, v in last_eval.items()})
+    logger.close()
+    dist.barrier()
+    return {"counters": counters, "eval": last_eval}

@@ -1,0 +1,110 @@
+"""Checks that need no process group: run in the launching process so a bad config fails in seconds, with one line
+naming the key, instead of after every rank has started (or, worse, as a hang)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from kclip.config import Config, ConfigError
+from kclip.models.heads import CONCEPT_HEAD_KINDS
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def mds_num_samples(folder: str) -> int:
+    """Samples in an MDS dataset, read from its index.json (no data is opened)."""
+    index = Path(folder) / "index.json"
+    shards = json.loads(index.read_text())["shards"]
+    return sum(s["samples"] for s in shards)
+
+
+def _check_mds(key: str, folder: str | None, required: bool) -> int | None:
+    if folder is None:
+        if required:
+            raise ConfigError(f"{key}: required (an MDS folder written by `kclip prepare`)")
+        return None
+    if not (Path(folder) / "index.json").is_file():
+        raise ConfigError(f"{key}: {folder} is not an MDS dataset (no index.json); build it with `kclip prepare`")
+    index = json.loads((Path(folder) / "index.json").read_text())
+    missing = [s["raw_data"]["basename"] for s in index["shards"] if not (Path(folder) / s["raw_data"]["basename"]).exists()
+               and not (s.get("zip_data") and (Path(folder) / s["zip_data"]["basename"]).exists())]
+    if missing:
+        raise ConfigError(f"{key}: {len(missing)} shard(s) listed in index.json are missing, e.g. {missing[0]}")
+    return mds_num_samples(folder)
+
+
+def _check_teacher_path(path: str) -> None:
+    if not os.path.exists(path):
+        raise ConfigError(f"teacher.path: no such file or folder {path}")
+    if os.path.isdir(path):
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"teacher.path: {path} has no config.json (expected a Hugging Face model folder or a .gguf file)")
+        if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in Path(path).iterdir()):
+            raise ConfigError(f"teacher.path: {path} holds no weights (*.safetensors or *.bin)")
+    elif not path.endswith(".gguf"):
+        raise ConfigError(f"teacher.path: {path} is a file but not .gguf")
+
+
+def choices(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+
+
+def validate(cfg: Config, world_size: int, *, cuda: bool | None = None) -> None:
+    """Raise ConfigError for the first impossible setting. `world_size` is the number of ranks the run will have."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    t, lo, c = cfg.train, cfg.loss, cfg.concepts
+    if t.steps <= 0:
+        raise ConfigError(f"train.steps: must be positive, got {t.steps}")
+    if t.global_batch_size % world_size:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by the world size {world_size}")
+    per_rank = t.global_batch_size // world_size
+    micro = t.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"train.micro_batch_size: {micro} does not divide the per-rank batch {per_rank}")
+    choices("train.zero_stage", t.zero_stage, (1, 2))
+    choices("train.precision", t.precision, ("auto", "fp32", "bf16"))
+    if t.precision == "bf16" and not (cuda and torch.cuda.is_bf16_supported()):
+        raise ConfigError("train.precision: bf16 needs a CUDA device with bf16 support; use auto or fp32 here")
+    choices("teacher.dtype", cfg.teacher.dtype, ("auto", "fp32", "bf16"))
+    if cfg.teacher.dtype == "bf16" and not cuda:
+        raise ConfigError("teacher.dtype: bf16 teacher needs a CUDA device; use auto or fp32 here")
+    choices("loss.distill_kind", lo.distill_kind, ("cosine", "mse"))
+    for key in ("distill_weight", "concept_weight", "contrastive_weight"):
+        if getattr(lo, key) < 0:
+            raise ConfigError(f"loss.{key}: must be >= 0")
+    if lo.contrastive_weight == 0 and not cfg.needs_teacher:
+        raise ConfigError("loss: all three weights are 0; nothing would be trained")
+    choices("teacher.pooling", cfg.teacher.pooling, ("mean", "last"))
+    choices("teacher.offload", cfg.teacher.offload, ("none", "cpu", "nvme"))
+    if cfg.teacher.offload == "nvme" and not cfg.teacher.nvme_path:
+        raise ConfigError("teacher.nvme_path: required when teacher.offload=nvme")
+    for head in cfg.student.concept_heads:
+        choices("student.concept_heads", head, CONCEPT_HEAD_KINDS)
+    if cfg.needs_teacher:
+        if not cfg.teacher.path and not cfg.teacher.random_config:
+            raise ConfigError("teacher.path: required when loss.distill_weight or loss.concept_weight > 0")
+        if cfg.teacher.path:
+            _check_teacher_path(cfg.teacher.path)
+    if cfg.student.tokenizer == "teacher" and not cfg.teacher.path:
+        raise ConfigError("student.tokenizer: 'teacher' needs teacher.path")
+    if cfg.student.hf_clip and not os.path.isdir(cfg.student.hf_clip):
+        raise ConfigError(f"student.hf_clip: no such folder {cfg.student.hf_clip}")
+    n_train = _check_mds("data.train", cfg.data.train, required=True)
+    _check_mds("data.val", cfg.data.val, required=False)
+    if n_train < t.global_batch_size:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} exceeds the {n_train} training samples")
+    if lo.concept_weight > 0:
+        if c.warmup_steps < 1:
+            raise ConfigError("concepts.warmup_steps: must be >= 1 (the first fit needs teacher embeddings)")
+        # What the first fit will see: warm-up samples, bounded by the buffers and by the dataset itself.
+        first_fit = min(c.warmup_steps * t.global_batch_size, c.buffer_size * world_size, n_train)
+        if c.k > first_fit:
+            raise ConfigError(
+                f"concepts.k: {c.k} exceeds the {first_fit} teacher embeddings available for the first fit "
+                f"(warmup_steps x global batch, buffer_size x ranks, dataset size)")
+        if c.tau <= 0:
+            raise ConfigError("concepts.tau: must be > 0")

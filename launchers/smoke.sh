@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# One device (one GPU, or the CPU): the smoke config by default, any config with --config.
+#   launchers/smoke.sh [--config demo] [--output runs/smoke] [key=value ...]
+set -euo pipefail
+args=("$@")
+case " $* " in *" --config "*) ;; *) args=(--config smoke "${args[@]}") ;; esac
+case " $* " in *" --output "*) ;; *) args+=(--output "${OUTPUT:-runs/smoke}") ;; esac
+exec deepspeed --num_gpus 1 --module kclip.cli train "${args[@]}"

