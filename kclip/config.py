@@ -56,6 +56,8 @@ class TeacherConfig:
     offload: str = "none"  # none | cpu | nvme (ZeRO-3 parameter offload)
     nvme_path: str | None = None
     seed: int = 0  # for random_config
+    cache: bool = True  # keep teacher embeddings on disk by sample id: later epochs skip the teacher
+    cache_dir: str | None = None  # default <run>/teacher_cache; share it between runs with the same teacher and data
 
 
 @dataclass

@@ -30,7 +30,9 @@ from kclip.metrics import MetricsLogger
 from kclip.models.knowledge_clip import KnowledgeCLIP
 from kclip.models.teacher import build_teacher
 from kclip.schedule import lr_at
+from kclip.teacher_cache import TeacherCache, embed_cached
 from kclip.tokenizers import load_tokenizer
+from kclip.validate import mds_num_samples
 
 log = logging.getLogger("kclip.train")
 
@@ -161,6 +163,11 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
         seed=cfg.train.seed, shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
         num_canonical_nodes=cfg.data.num_canonical_nodes,
     )
+    cache = None
+    if teacher is not None and cfg.teacher.cache:
+        cache = TeacherCache(cfg.teacher.cache_dir or run_dir / "teacher_cache", teacher_fingerprint=teacher.fingerprint,
+                             dataset_dir=cfg.data.train, num_samples=mds_num_samples(cfg.data.train),
+                             dim=teacher.hidden_size)
     loss_fn = KnowledgeCLIPLoss(cfg.loss)
     bank = None
     if cfg.loss.concept_weight > 0:
@@ -194,6 +201,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
             "concepts": bank.state_dict() if bank is not None else None, "config": to_dict(cfg),
         }
         rank_state = {"rng": checkpoint.rng_state(), "buffer": buffer.state_dict()}
+        if cache is not None:
+            cache.flush()
         checkpoint.save(engine, run_dir / "checkpoints", step, client_state, rank_state, cfg.checkpoint.keep_last)
 
     logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, config=to_dict(cfg), enabled=dist.is_main(),
@@ -226,7 +235,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
             teacher_emb = soft_labels = None
             if teacher is not None:
                 with timer("teacher_ms"):
-                    teacher_emb = teacher.embed(batch["teacher_input_ids"], batch["teacher_attention_mask"]).to(device)
+                    teacher_emb = embed_cached(teacher, cache, batch).to(device)
                 buffer.add(teacher_emb)
                 if bank is not None and bank.fitted:
                     soft_labels = bank.soft_labels(teacher_emb, cfg.concepts.tau)
@@ -277,6 +286,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
             )
             if teacher is not None:
                 values.update(teacher_tokens=teacher.tokens_processed, teacher_tokens_padded=teacher.tokens_padded)
+                if cache is not None:
+                    values["teacher_cache_hit_rate"] = cache.hit_rate
             if fit_stats is not None:
                 values.update({f"concepts/{k}": v for k, v in fit_stats.items()})
             logger.log(step + 1, values)
