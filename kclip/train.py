@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,6 +100,27 @@ class Timer:
     def pop(self) -> dict[str, float]:
         out, self.ms = self.ms, {}
         return out
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM's --signal, a scheduler's preemption notice) only set a flag here; the ranks agree on
+    it at the next step boundary, checkpoint together and exit cleanly. Acting inside the handler could leave ranks
+    in different collectives, which is how preemption turns into a hang."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self) -> bool:
+        """Collective: True on every rank when any rank got a signal."""
+        return dist.all_reduce_max(int(self.received is not None)) > 0
 
 
 def endless(loader):
@@ -215,6 +238,10 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
             label_columns=None,
         )
 
+    stop = StopSignal()
+    preempted_marker = run_dir / "PREEMPTED"
+    if dist.is_main():
+        preempted_marker.unlink(missing_ok=True)
     timer = Timer()
     batches = endless(loader)
     bad_streak = 0
@@ -299,6 +326,14 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
         if val_loader is not None and cfg.eval.every and (step + 1) % cfg.eval.every == 0:
             last_eval = evaluate_split(engine.module, val_loader, device)
             logger.log(step + 1, {f"eval/{k}": v for k, v in last_eval.items()})
+        if stop.agreed() and step + 1 < cfg.train.steps:
+            save(step + 1)
+            if dist.is_main():
+                # The SLURM script requeues the job when it finds this marker.
+                preempted_marker.write_text(f"step={step + 1}\n")
+                log.warning("stop signal received: checkpointed step %d; resume with --resume latest", step + 1)
+            logger.close()
+            return {"counters": counters, "eval": last_eval, "preempted_at": step + 1}
         if (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.train.steps:
             save(step + 1)
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from kclip.metrics import read_metrics
@@ -70,29 +71,66 @@ def test_single_process_smoke_trains_and_writes_run_folder(shapes, tmp_path):
     assert final["eval/num_samples"] == 96
 
 
+TWO_RANK_RUN = ("train.steps=24", "log.every=1", "checkpoint.every=8")
+
+
+@pytest.fixture(scope="module")
+def reference(shapes, tmp_path_factory) -> dict[int, float]:
+    """An uninterrupted 2-rank run under the deepspeed launcher: the losses every interrupted run must reproduce."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    run_ok(train_cmd(run, shapes, *TWO_RANK_RUN, ranks=2))
+    return losses(run)
+
+
+def start_two_ranks(run: Path, shapes: Path) -> subprocess.Popen:
+    return subprocess.Popen(train_cmd(run, shapes, *TWO_RANK_RUN, ranks=2), env=_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"run ended early: {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "timed out waiting for the run"
+        time.sleep(0.1)
+
+
+def assert_resumes_exactly(run: Path, shapes: Path, reference: dict[int, float]) -> None:
+    resumed_from = int((run / "checkpoints" / "latest").read_text().split("_")[1])
+    assert resumed_from < 24, "the run finished before it could be interrupted"
+    run_ok(train_cmd(run, shapes, *TWO_RANK_RUN, ranks=2, resume="latest"))
+    after = {s: v for s, v in losses(run).items() if s > resumed_from}
+    assert after == {s: reference[s] for s in after} and max(after) == 24
+
+
 @pytest.mark.slow
-def test_two_ranks_loss_falls_and_resume_after_sigkill_is_bitwise(shapes, tmp_path):
-    common = ("train.steps=24", "log.every=1", "checkpoint.every=8")
-    full = tmp_path / "full"
-    run_ok(train_cmd(full, shapes, *common, ranks=2))
-    reference = losses(full)
+def test_two_ranks_loss_falls(reference):
     assert reference[24] < reference[2]
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(killed, shapes, *common, ranks=2), env=_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.time() + 240
-    while not (latest.is_file() and latest.read_text() != "") and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bitwise(shapes, tmp_path, reference):
+    run = tmp_path / "killed"
+    proc = start_two_ranks(run, shapes)
+    wait_for(lambda: (run / "checkpoints" / "latest").is_file(), proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    resumed_from = int(latest.read_text().split("_")[1])
-    assert resumed_from < 24, "the run finished before it could be killed"
+    assert_resumes_exactly(run, shapes, reference)
 
-    run_ok(train_cmd(killed, shapes, *common, ranks=2, resume="latest"))
-    after = {s: v for s, v in losses(killed).items() if s > resumed_from}
-    assert after == {s: reference[s] for s in after} and max(after) == 24
+
+@pytest.mark.slow
+def test_preemption_signal_to_one_rank_checkpoints_and_exits_cleanly(shapes, tmp_path, reference):
+    run = tmp_path / "preempted"
+    proc = start_two_ranks(run, shapes)
+    wait_for(lambda: len(losses(run)) >= 3 if (run / "metrics.jsonl").is_file() else False, proc)
+    ranks = psutil.Process(proc.pid).children(recursive=False)[0].children(recursive=False)
+    rank1 = next(p for p in ranks if "--local_rank=1" in " ".join(p.cmdline()))
+    rank1.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+    step = int((run / "PREEMPTED").read_text().strip().split("=")[1])
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+    assert_resumes_exactly(run, shapes, reference)
+    assert not (run / "PREEMPTED").exists()
 
 
 def test_plain_clip_never_loads_the_teacher(shapes, tmp_path):
