@@ -7,6 +7,7 @@ as `latest`.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import shutil
@@ -91,10 +92,34 @@ def resolve(run_dir: Path, resume: str) -> Path:
     return tag_dir
 
 
-def load(engine, tag_dir: Path) -> tuple[dict, dict | None]:
-    """Collective. Returns (client_state, this rank's state or None when the rank did not exist in the saved run)."""
+def saved_world_size(tag_dir: Path) -> int:
+    return int((tag_dir / COMPLETE).read_text().strip().split("=")[1])
+
+
+def universal_copy(tag_dir: Path) -> Path:
+    """Collective. DeepSpeed's ZeRO-1/2 optimizer state is partitioned by world size; to resume on another world
+    size the checkpoint is converted once (on rank 0) to DeepSpeed's world-size-independent universal format, which
+    an engine started with `checkpoint.load_universal` reads."""
+    out = tag_dir.parent / f"{tag_dir.name}_universal"
+    if dist.is_main() and not (out / COMPLETE).is_file():
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        shutil.rmtree(out, ignore_errors=True)
+        ds_to_universal(argparse.Namespace(
+            input_folder=str(tag_dir), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
+            keep_temp_folder=False, strict=True, inject_missing_state=True,
+        ))
+        _atomic_write(out / COMPLETE, f"world_size={saved_world_size(tag_dir)}\n")
+    dist.barrier()
+    return out
+
+
+def load(engine, tag_dir: Path, engine_dir: Path | None = None) -> tuple[dict, dict | None]:
+    """Collective. Returns (client_state, this rank's state or None when the rank did not exist in the saved run).
+    `engine_dir` is where DeepSpeed's files are read from when that is not `tag_dir` (a universal copy)."""
+    engine_dir = engine_dir or tag_dir
     try:
-        path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        path, client_state = engine.load_checkpoint(str(engine_dir.parent), tag=engine_dir.name)
     except Exception as e:  # DeepSpeed raises many kinds for damaged files; the user needs the path and the cause
         raise CheckpointError(f"checkpoint {tag_dir} could not be loaded: {type(e).__name__}: {e}") from e
     if path is None:

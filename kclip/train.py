@@ -124,14 +124,16 @@ class StopSignal:
 
 
 def endless(loader):
-    """Iterate the loader epoch after epoch; streaming advances its epoch on each new iteration."""
-    while True:
-        yielded = False
+    """Iterate the loader epoch after epoch; streaming advances its epoch on each new iteration. One empty pass is
+    normal (a checkpoint taken at the very end of an epoch resumes into an exhausted epoch); two in a row mean the
+    dataset cannot fill one global batch."""
+    empty_passes = 0
+    while empty_passes < 2:
+        empty_passes += 1
         for batch in loader:
-            yielded = True
+            empty_passes = 0
             yield batch
-        if not yielded:
-            raise TrainingError("the training loader yielded no batch: the dataset is smaller than one global batch")
+    raise TrainingError("the training loader yields no batch: the dataset is smaller than one global batch")
 
 
 def concept_fit_due(step: int, cfg: Config) -> bool:
@@ -172,10 +174,16 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     tokenizer = teacher.tokenizer if cfg.student.tokenizer == "teacher" else load_tokenizer(cfg.student.tokenizer)
     model = KnowledgeCLIP(cfg, tokenizer, teacher.hidden_size if teacher else None)
     import deepspeed
-
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=build_optimizer(model, cfg), config=student_ds_config(cfg)
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE,
     )
+
+    tag_dir = checkpoint.resolve(run_dir, resume) if resume else None
+    elastic = tag_dir is not None and checkpoint.saved_world_size(tag_dir) != world
+    ds_config = student_ds_config(cfg)
+    if elastic:
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds_config)
     if cfg.train.compile:
         engine.compile()
     accum = engine.gradient_accumulation_steps()
@@ -199,9 +207,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     counters = {"skipped_nonfinite": 0, "replaced_samples": 0, "truncated_captions": 0, "samples": 0}
 
     start_step = 0
-    if resume:
-        tag_dir = checkpoint.resolve(run_dir, resume)
-        client, rank_state = checkpoint.load(engine, tag_dir)
+    if tag_dir is not None:
+        engine_dir = checkpoint.universal_copy(tag_dir) if elastic else tag_dir
+        client, rank_state = checkpoint.load(engine, tag_dir, engine_dir)
         changed = diff_configs(from_dict(client["config"]), cfg)
         changed = [c for c in changed if not c.startswith(("train.steps", "checkpoint.", "log.", "eval.", "dist."))]
         if changed and not allow_config_change:
@@ -211,17 +219,20 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
         counters.update(client["counters"])
         if bank is not None and client.get("concepts"):
             bank.load_state_dict(client["concepts"])
-        if rank_state is not None and client["world_size"] == world:
+        if not elastic:
             checkpoint.set_rng_state(rank_state["rng"])
             buffer.load_state_dict(rank_state["buffer"])
         elif dist.is_main():
-            log.warning("elastic resume: saved on %d ranks, running on %d; per-rank RNG and embedding buffers restart",
+            log.warning("elastic resume: saved on %d ranks, running on %d with the same global batch; the sample order "
+                        "continues exactly, per-rank RNG states and embedding buffers start afresh",
                         client["world_size"], world)
 
     def save(step: int) -> None:
         client_state = {
             "step": step, "loader": loader.state_dict(), "counters": counters, "world_size": world,
             "concepts": bank.state_dict() if bank is not None else None, "config": to_dict(cfg),
+            # Lets DeepSpeed convert this checkpoint to its universal format for a resume on another world size.
+            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
         }
         rank_state = {"rng": checkpoint.rng_state(), "buffer": buffer.state_dict()}
         if cache is not None:

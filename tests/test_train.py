@@ -75,11 +75,17 @@ TWO_RANK_RUN = ("train.steps=24", "log.every=1", "checkpoint.every=8")
 
 
 @pytest.fixture(scope="module")
-def reference(shapes, tmp_path_factory) -> dict[int, float]:
-    """An uninterrupted 2-rank run under the deepspeed launcher: the losses every interrupted run must reproduce."""
+def reference_run(shapes, tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank run under the deepspeed launcher."""
     run = tmp_path_factory.mktemp("reference") / "run"
     run_ok(train_cmd(run, shapes, *TWO_RANK_RUN, ranks=2))
-    return losses(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict[int, float]:
+    """The losses every interrupted run must reproduce."""
+    return losses(reference_run)
 
 
 def start_two_ranks(run: Path, shapes: Path) -> subprocess.Popen:
@@ -131,6 +137,18 @@ def test_preemption_signal_to_one_rank_checkpoints_and_exits_cleanly(shapes, tmp
     assert (run / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
     assert_resumes_exactly(run, shapes, reference)
     assert not (run / "PREEMPTED").exists()
+
+
+@pytest.mark.slow
+def test_elastic_resume_on_one_rank_continues_the_same_samples(shapes, tmp_path, reference_run, reference):
+    run = tmp_path / "elastic"
+    proc = run_ok(train_cmd(run, shapes, *TWO_RANK_RUN, resume=str(reference_run / "checkpoints" / "step_00000016")))
+    assert "elastic resume: saved on 2 ranks, running on 1" in proc.stderr
+    after = losses(run)
+    assert sorted(after) == list(range(17, 25))
+    # Same weights, optimizer state and samples; only the reduction order differs between 1 and 2 ranks.
+    for step, value in after.items():
+        assert value == pytest.approx(reference[step], rel=1e-4), step
 
 
 def test_plain_clip_never_loads_the_teacher(shapes, tmp_path):
