@@ -32,7 +32,11 @@ def _child(fn, args, rank, world_size, port, results, extra_env):
         from kclip import dist
 
         dist.init(timeout_s=COLLECTIVE_TIMEOUT_S)
-        results.put((rank, "ok", fn(*args)))
+        # Tensors cross process boundaries by shared file descriptors that die with this process: send numpy.
+        result = fn(*args)
+        if isinstance(result, torch.Tensor):
+            result = result.detach().cpu().numpy()
+        results.put((rank, "ok", result))
     except BaseException:  # noqa: BLE001 - the parent must see every failure, including SystemExit
         results.put((rank, "err", traceback.format_exc()))
 

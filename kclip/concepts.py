@@ -1,0 +1,133 @@
+"""Concept bank: spherical k-means centroids over teacher caption embeddings, and the soft labels they induce.
+
+The fit is collective: rank 0 clusters the rows of all ranks with faiss (seeded, so deterministic) and broadcasts
+the centroids, so every rank holds bit-identical ones. A re-fit is matched to the previous centroids (Hungarian
+assignment on cosine similarity) so concept ids, which the concept heads are trained against, stay stable.
+"""
+from __future__ import annotations
+
+import time
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from kclip import dist
+
+
+def _match_to_previous(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, int, float]:
+    """Permutation `perm` maximising sum_i cos(old_i, new_perm[i]); also the number of ids not matched to themselves
+    and the mean drift 1 - cos(old_i, new_perm[i]) after matching."""
+    old_n = old / np.linalg.norm(old, axis=1, keepdims=True)
+    new_n = new / np.linalg.norm(new, axis=1, keepdims=True)
+    cos = old_n @ new_n.T
+    rows, perm = linear_sum_assignment(cos, maximize=True)  # rows == arange(k) for a square matrix
+    moved = int((perm != rows).sum())
+    drift = float((1 - cos[rows, perm]).mean())
+    return perm, moved, drift
+
+
+class ConceptBank:
+    """k centroids in teacher-embedding space (k-means on L2-normalised embeddings when spherical)."""
+
+    def __init__(self, k: int, dim: int, *, niter: int = 20, seed: int = 0, spherical: bool = True):
+        self.k, self.dim, self.niter, self.seed, self.spherical = k, dim, niter, seed, spherical
+        self.centroids: torch.Tensor | None = None  # [k, dim] float32, identical on every rank
+        self.num_fits = 0
+
+    @property
+    def fitted(self) -> bool:
+        return self.centroids is not None
+
+    def _cluster(self, x: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Rank-0 work: k-means on all rows, re-aligned to the previous centroids; returns centroids and stats."""
+        kmeans = faiss.Kmeans(self.dim, self.k, niter=self.niter, seed=self.seed, spherical=self.spherical)
+        kmeans.train(x)
+        centroids = kmeans.centroids
+        # faiss re-seeds a cluster that ends an iteration empty by splitting a large one (nsplit per iteration).
+        empty = int(sum(s["nsplit"] for s in kmeans.iteration_stats))
+        moved, drift = 0, 0.0
+        if self.fitted:
+            perm, moved, drift = _match_to_previous(self.centroids.cpu().numpy(), centroids)
+            centroids = centroids[perm]
+        _, assignment = self._search(centroids, x)
+        sizes = np.bincount(assignment, minlength=self.k).tolist()
+        return np.ascontiguousarray(centroids), {"moved_ids": moved, "drift": drift, "empty": empty, "sizes": sizes}
+
+    def _search(self, centroids: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index = faiss.IndexFlatIP(self.dim) if self.spherical else faiss.IndexFlatL2(self.dim)
+        index.add(centroids)
+        scores, ids = index.search(x, 1)
+        return scores[:, 0], ids[:, 0]
+
+    def fit(self, local_embeddings: torch.Tensor) -> dict:
+        """Collective (every rank calls it): fit on the rows of all ranks and return the stats (same on all ranks).
+
+        stats: moved_ids (ids whose Hungarian match to the previous fit was not themselves; 0 on the first fit),
+        drift (mean 1 - cos(old_i, new_i) after matching; 0 on the first fit), empty (clusters faiss found empty and
+        re-seeded, summed over iterations), sizes (points per concept in the final assignment), seconds.
+        """
+        start = time.perf_counter()
+        if local_embeddings.ndim != 2 or local_embeddings.shape[1] != self.dim:
+            raise ValueError(f"concept bank expects [n, {self.dim}] embeddings, got {list(local_embeddings.shape)}")
+        x = local_embeddings.detach().float()
+        if self.spherical:
+            x = F.normalize(x, dim=1)
+        rows = dist.all_gather_rows(x)
+        # Every rank sees the same gathered count, so every rank raises here together: no rank is left waiting.
+        if self.k > rows.shape[0]:
+            raise ValueError(
+                f"concepts.k={self.k} exceeds the {rows.shape[0]} teacher embeddings available for the fit "
+                "(lower concepts.k or raise concepts.warmup_steps / concepts.buffer_size)"
+            )
+        stats = None
+        centroids = torch.empty(self.k, self.dim, dtype=torch.float32, device=x.device)
+        if dist.is_main():
+            fitted, stats = self._cluster(np.ascontiguousarray(rows.cpu().numpy()))
+            centroids.copy_(torch.from_numpy(fitted))
+        dist.broadcast(centroids)
+        stats = dist.broadcast_object(stats)
+        self.centroids = centroids
+        self.num_fits += 1
+        stats["seconds"] = time.perf_counter() - start
+        return stats
+
+    def _require_fitted(self) -> torch.Tensor:
+        if self.centroids is None:
+            raise RuntimeError("concept bank used before its first fit")
+        return self.centroids
+
+    @torch.no_grad()
+    def soft_labels(self, teacher_emb: torch.Tensor, tau: float) -> torch.Tensor:
+        """q = softmax(normalize(t) @ centroids.T / tau), [B, k] float32; rows sum to 1."""
+        centroids = self._require_fitted().to(teacher_emb.device)
+        return torch.softmax(F.normalize(teacher_emb.float(), dim=1) @ centroids.T / tau, dim=1)
+
+    @torch.no_grad()
+    def assign(self, emb: torch.Tensor) -> torch.Tensor:
+        """Hard concept id per row [B] (long): nearest centroid by cosine (spherical) or L2 distance."""
+        centroids = self._require_fitted().to(emb.device)
+        if self.spherical:
+            return (F.normalize(emb.float(), dim=1) @ centroids.T).argmax(dim=1)
+        return torch.cdist(emb.float(), centroids).argmin(dim=1)
+
+    def state_dict(self) -> dict:
+        return {
+            "centroids": None if self.centroids is None else self.centroids.cpu().clone(),
+            "num_fits": self.num_fits,
+            "config": {"k": self.k, "dim": self.dim, "niter": self.niter, "seed": self.seed,
+                       "spherical": self.spherical},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["config"]
+        if (saved["k"], saved["dim"]) != (self.k, self.dim):
+            raise ValueError(
+                f"concept bank checkpoint has k={saved['k']}, dim={saved['dim']}; this run has k={self.k}, "
+                f"dim={self.dim}"
+            )
+        centroids = state["centroids"]
+        self.centroids = None if centroids is None else centroids.to(torch.float32).clone()
+        self.num_fits = state["num_fits"]

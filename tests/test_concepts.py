@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from multiproc import run_ranks
+
+from kclip.concepts import ConceptBank
+
+DIM, K = 16, 4
+
+
+def _clustered(seed: int = 1, per: int = 30, noise: float = 0.05):
+    """K tight clusters around random unit directions; returns points and their true cluster."""
+    g = torch.Generator().manual_seed(seed)
+    centers = F.normalize(torch.randn(K, DIM, generator=g), dim=1)
+    labels = torch.arange(K).repeat_interleave(per)
+    return centers[labels] + noise * torch.randn(len(labels), DIM, generator=g), labels
+
+
+def _same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two labellings split the points identically (up to renaming the ids)."""
+    return len(set(zip(a.tolist(), b.tolist()))) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def _rank_fits():
+    """On 2 ranks: a fit on unequal shares (70 and 50 rows), then a fit with k above the gathered row count."""
+    from kclip import dist
+
+    x, _ = _clustered()
+    bank = ConceptBank(K, DIM, seed=0)
+    stats = bank.fit(x[:70] if dist.rank() == 0 else x[70:])
+    stats.pop("seconds")
+    too_many = ConceptBank(50, DIM)
+    try:
+        too_many.fit(torch.randn(10 + dist.rank(), DIM))
+    except ValueError as err:
+        message = str(err)
+    in_step = dist.all_reduce_sum(torch.ones(1)).item() == 2  # a later collective still completes on both ranks
+    return bank.centroids.numpy(), stats, message, in_step, too_many.fitted
+
+
+def test_two_rank_fits():
+    (c0, s0, *rest0), (c1, s1, *rest1) = run_ranks(_rank_fits, timeout=120)
+    np.testing.assert_array_equal(c0, c1)
+    assert s0 == s1
+    single = ConceptBank(K, DIM, seed=0)
+    single.fit(_clustered()[0])  # same rows in the same (rank) order as the gathered ones
+    np.testing.assert_array_equal(c0, single.centroids.numpy())
+    assert sorted(s0["sizes"]) == [30] * K and s0["empty"] == 0 and s0["moved_ids"] == 0
+    # k > N: every rank raises the same error and none is left hanging in a collective.
+    for message, in_step, fitted in (rest0, rest1):
+        assert message.startswith("concepts.k=50 exceeds the 21 teacher embeddings available for the fit")
+        assert in_step and not fitted
+
+
+def test_refit_on_permuted_data_keeps_concept_ids():
+    x, truth = _clustered()
+    bank = ConceptBank(K, DIM, seed=0)
+    bank.fit(x)
+    first_state, first_centroids, first_ids = bank.state_dict(), bank.centroids.clone(), bank.assign(x)
+    assert _same_partition(first_ids, truth), "fixture: the first fit should recover the true clusters"
+    relabelled = 0
+    for perm_seed in range(5):
+        bank.load_state_dict(first_state)  # each re-fit is matched against the first fit
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(perm_seed))
+        stats = bank.fit(x[perm])
+        if not _same_partition(bank.assign(x), truth):
+            continue  # k-means from a random start may land in another local optimum; nothing to match then
+        relabelled += stats["moved_ids"] > 0
+        torch.testing.assert_close(bank.centroids, first_centroids, atol=1e-5, rtol=0)
+        assert torch.equal(bank.assign(x), first_ids)
+        assert stats["drift"] < 1e-5
+    assert relabelled > 0, "no re-fit produced new ids, so the matching was never exercised"
+    assert bank.num_fits == 2
+
+
+def test_empty_clusters_are_reseeded_and_reported():
+    # 3 distinct points, each repeated: any 4th+ centroid sampled on a duplicate ends an iteration empty.
+    distinct = F.normalize(torch.randn(3, DIM, generator=torch.Generator().manual_seed(0)), dim=1)
+    bank = ConceptBank(5, DIM, niter=5, seed=0)
+    stats = bank.fit(distinct.repeat(20, 1))
+    assert stats["empty"] >= 2
+    assert sum(stats["sizes"]) == 60 and len(stats["sizes"]) == 5
+    assert torch.isfinite(bank.centroids).all()
+
+
+def test_soft_labels_and_assign():
+    x, truth = _clustered()
+    bank = ConceptBank(K, DIM, seed=0)
+    with pytest.raises(RuntimeError, match="before its first fit"):
+        bank.soft_labels(x, tau=0.1)
+    bank.fit(x)
+    q = bank.soft_labels(x * 7.0, tau=0.05)  # scale must not matter: inputs are normalised
+    assert q.shape == (len(x), K) and q.dtype == torch.float32
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(len(x)))
+    assert torch.equal(q.argmax(dim=1), bank.assign(x))
+    expected = torch.softmax(F.normalize(x, dim=1) @ bank.centroids.T / 0.05, dim=1)
+    torch.testing.assert_close(q, expected)
+    assert bank.soft_labels(x, tau=1e-3).max(dim=1).values.min() > 0.99  # low temperature: nearly one-hot
+
+
+def test_state_dict_round_trip():
+    x, _ = _clustered()
+    bank = ConceptBank(K, DIM, seed=0)
+    empty = ConceptBank(K, DIM)
+    empty.load_state_dict(bank.state_dict())
+    assert not empty.fitted
+    bank.fit(x)
+    restored = ConceptBank(K, DIM)
+    restored.load_state_dict(bank.state_dict())
+    assert restored.fitted and restored.num_fits == 1
+    assert torch.equal(restored.centroids, bank.centroids)
+    assert torch.equal(restored.soft_labels(x, 0.1), bank.soft_labels(x, 0.1))
+    with pytest.raises(ValueError, match="k=4, dim=16; this run has k=5"):
+        ConceptBank(5, DIM).load_state_dict(bank.state_dict())
+
+
+def test_fit_rejects_wrong_width():
+    with pytest.raises(ValueError, match=r"expects \[n, 16\]"):
+        ConceptBank(K, DIM).fit(torch.randn(10, 8))
