@@ -86,10 +86,13 @@ def resolve(run_dir: Path, resume: str) -> Path:
     else:
         tag_dir = Path(resume)
     if not (tag_dir / COMPLETE).is_file():
-        others = [p.name for p in complete_checkpoints(tag_dir.parent)]
-        hint = f"; complete checkpoints: {', '.join(others)}" if others else ""
-        raise CheckpointError(f"checkpoint {tag_dir} is missing or incomplete{hint}")
+        raise CheckpointError(f"checkpoint {tag_dir} is missing or incomplete{_others_hint(tag_dir)}")
     return tag_dir
+
+
+def _others_hint(tag_dir: Path) -> str:
+    others = [str(p) for p in complete_checkpoints(tag_dir.parent) if p != tag_dir]
+    return f"; resume from an earlier one with --resume {others[-1]}" if others else ""
 
 
 def saved_world_size(tag_dir: Path) -> int:
@@ -121,7 +124,8 @@ def load(engine, tag_dir: Path, engine_dir: Path | None = None) -> tuple[dict, d
     try:
         path, client_state = engine.load_checkpoint(str(engine_dir.parent), tag=engine_dir.name)
     except Exception as e:  # DeepSpeed raises many kinds for damaged files; the user needs the path and the cause
-        raise CheckpointError(f"checkpoint {tag_dir} could not be loaded: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"checkpoint {tag_dir} could not be loaded ({type(e).__name__}: {str(e)[:200]})"
+                              f"{_others_hint(tag_dir)}") from e
     if path is None:
         raise CheckpointError(f"checkpoint {tag_dir} could not be loaded by DeepSpeed")
     rank_file = tag_dir / f"rank_{dist.rank():05d}.pt"

@@ -47,6 +47,11 @@ def train_main(argv: list[str]) -> int:
         result = train(cfg, args.output, resume=resume, allow_config_change=args.allow_config_change)
     except (TrainingError, CheckpointError, ConfigError) as e:
         return _fail(str(e), 1)
+    except Exception as e:
+        lost = dist.describe_failure(e)
+        if lost is None:
+            raise
+        return _fail(lost, 1)
     if dist.is_main():
         print(json.dumps(result["eval"] or {}, indent=1))
     return 0

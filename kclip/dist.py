@@ -10,6 +10,8 @@ import datetime
 import os
 import socket
 import subprocess
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -64,11 +66,53 @@ def map_launcher_env(env: dict | None = None) -> None:
     env.setdefault("LOCAL_RANK", "0")
 
 
+class Heartbeat:
+    """Each rank bumps a counter in the rendezvous store (hosted by rank 0) every `interval` seconds from a daemon
+    thread. When a collective fails, the survivors can then name the rank that died instead of printing a transport
+    error: a lost rank's counter stops moving; an unreachable store means rank 0 itself is gone."""
+
+    def __init__(self, interval: float = 1.0):
+        self.interval = interval
+        self._store = self._connect()
+        self._thread = threading.Thread(target=self._beat, name="kclip-heartbeat", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _connect() -> dist.TCPStore:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=datetime.timedelta(seconds=10))
+
+    def _beat(self) -> None:
+        key = f"kclip/heartbeat/{rank()}"
+        while True:
+            try:
+                self._store.add(key, 1)
+            except Exception:  # noqa: BLE001 - the store is gone with rank 0; lost_ranks() reports that
+                return
+            time.sleep(self.interval)
+
+    def lost_ranks(self) -> list[int]:
+        """Ranks whose heartbeat stopped (blocks ~3 intervals). [0] when the store on rank 0 cannot be reached."""
+        try:
+            store = self._connect()
+            keys = [f"kclip/heartbeat/{r}" for r in range(world_size())]
+            before = [int(store.add(k, 0)) for k in keys]
+            time.sleep(3 * self.interval)
+            after = [int(store.add(k, 0)) for k in keys]
+        except Exception:  # noqa: BLE001
+            return [0]
+        return [r for r, (b, a) in enumerate(zip(before, after)) if a == b and r != rank()]
+
+
+_heartbeat: Heartbeat | None = None
+
+
 def init(timeout_s: float = 600.0) -> None:
     """Start the default process group (also for a single process: DeepSpeed engines need one).
 
     `timeout_s` bounds every collective on gloo, so a dead or diverged rank surfaces as an error instead of a hang.
     """
+    global _heartbeat
     if dist.is_initialized():
         return
     map_launcher_env()
@@ -77,6 +121,22 @@ def init(timeout_s: float = 600.0) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
+    if world_size() > 1:
+        _heartbeat = Heartbeat()
+
+
+def describe_failure(error: BaseException) -> str | None:
+    """For an exception raised by a collective, one line naming the rank(s) that stopped responding; else None."""
+    if _heartbeat is None or not isinstance(error, (dist.DistError, RuntimeError)):
+        return None
+    text = str(error)
+    markers = ("gloo", "Gloo", "NCCL", "Connection", "connection", "timed out", "Timeout", "closed by peer")
+    if not isinstance(error, dist.DistError) and not any(m in text for m in markers):
+        return None
+    lost = _heartbeat.lost_ranks()
+    who = f"rank(s) {', '.join(map(str, lost))} stopped responding" if lost else "a peer rank failed"
+    first_line = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+    return f"rank {rank()}: a collective failed because {who} ({first_line}); resume with --resume latest"
 
 
 def rank() -> int:

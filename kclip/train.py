@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from kclip import checkpoint, dist
@@ -319,6 +320,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
             elapsed = time.perf_counter() - window_start
             values.update(
                 lr=lr, logit_scale=logit_scale, samples_per_s=window_samples / max(elapsed, 1e-9),
+                rss_mb=psutil.Process().memory_info().rss / 2**20,
                 **{k: v / max(1, window_micro) for k, v in timer.pop().items()},
                 **{f"count/{k}": v for k, v in counters.items()},
             )

@@ -1,0 +1,107 @@
+"""Fault injection: a rank killed mid-run, damaged checkpoints, diverging losses, changed configs, long runs."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from kclip.metrics import read_metrics
+from shapes import make_shapes_mds
+from test_train import REPO, _env, _port, losses, run_ok, train_cmd, wait_for
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return make_shapes_mds(tmp_path_factory.mktemp("shapes"), n=96)
+
+
+def test_survivor_names_the_killed_rank_and_exits(shapes, tmp_path):
+    """Two ranks started without a launcher (nothing else would kill the survivor): SIGKILL rank 1 mid-run."""
+    run, port = tmp_path / "crash", _port()
+    procs = []
+    for rank in (0, 1):
+        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        cmd = train_cmd(run, shapes, "train.steps=100000", "checkpoint.every=100000", "dist.timeout_s=30")
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True))
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 2, procs[0])
+    procs[1].send_signal(signal.SIGKILL)
+    start = time.time()
+    code = procs[0].wait(timeout=90)
+    err = procs[0].stderr.read()
+    assert code == 1 and time.time() - start < 45
+    assert "kclip: error: rank 0: a collective failed because rank(s) 1 stopped responding" in err, err[-2000:]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(shapes, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    run_ok(train_cmd(run, shapes, "train.steps=8", "checkpoint.every=4"))
+    return run
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _resume_error(run: Path, shapes: Path, *overrides: str, resume: str = "latest") -> str:
+    proc = subprocess.run(train_cmd(run, shapes, "train.steps=12", "checkpoint.every=4", *overrides, resume=resume),
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("kclip: error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_truncated_checkpoint_is_detected_and_the_previous_one_offered(shapes, two_checkpoints, tmp_path):
+    run = _copy(two_checkpoints, tmp_path)
+    states = run / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])
+    error = _resume_error(run, shapes)
+    assert "step_00000008 could not be loaded" in error and "--resume " + str(run / "checkpoints" / "step_00000004") in error
+
+
+def test_a_save_killed_midway_is_never_resumed(shapes, two_checkpoints, tmp_path):
+    run = _copy(two_checkpoints, tmp_path)
+    (run / "checkpoints" / "step_00000008" / "COMPLETE").unlink()  # what a kill before the marker leaves behind
+    error = _resume_error(run, shapes, resume=str(run / "checkpoints" / "step_00000008"))
+    assert "is missing or incomplete" in error and "step_00000004" in error
+
+
+def test_resuming_with_a_changed_config_lists_the_keys(shapes, two_checkpoints, tmp_path):
+    run = _copy(two_checkpoints, tmp_path)
+    error = _resume_error(run, shapes, "loss.distill_weight=0.5", "optim.lr=0.01")
+    assert "loss.distill_weight: 1.0 -> 0.5" in error and "optim.lr" in error
+    proc = run_ok(train_cmd(run, shapes, "train.steps=12", "checkpoint.every=4", "loss.distill_weight=0.5",
+                            "optim.lr=0.01", resume="latest") + ["--allow-config-change"])
+    assert max(losses(run)) == 12, proc.stderr[-1000:]
+
+
+def test_diverging_loss_skips_updates_then_stops_naming_the_term(shapes, tmp_path):
+    proc = subprocess.run(train_cmd(tmp_path / "nan", shapes, "optim.lr=1.0e+30", "optim.warmup_steps=1",
+                                    "train.max_bad_steps=3", "optim.grad_clip=0"),
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    error = [line for line in proc.stderr.splitlines() if line.startswith("kclip: error:")]
+    assert len(error) == 1 and "3 consecutive non-finite losses" in error[0] and "contrastive" in error[0], proc.stderr[-2000:]
+    assert proc.stderr.count("non-finite loss") >= 3
+
+
+def test_missing_shard_fails_before_training(shapes, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    for path in data.glob("shard.00000.mds*"):  # the compressed shard and streaming's decompressed copy
+        path.unlink()
+    proc = subprocess.run(train_cmd(tmp_path / "run", data), env=_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "data.train:" in proc.stderr and "missing" in proc.stderr
