@@ -105,3 +105,46 @@ def test_missing_shard_fails_before_training(shapes, tmp_path):
     proc = subprocess.run(train_cmd(tmp_path / "run", data), env=_env(), cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "data.train:" in proc.stderr and "missing" in proc.stderr
+
+
+def _write_mds(folder: Path, records: list[dict]) -> Path:
+    from streaming import MDSWriter
+
+    with MDSWriter(out=str(folder), columns={"id": "str", "image": "bytes", "caption": "str"}, compression="zstd") as w:
+        for record in records:
+            w.write(record)
+    return folder
+
+
+def test_corrupt_images_and_overlong_captions_are_counted_not_fatal(tmp_path):
+    import io
+
+    from shapes import draw
+
+    records = []
+    for i in range(32):
+        buf = io.BytesIO()
+        draw("red" if i % 2 else "blue", "circle", i).save(buf, format="PNG")
+        image = buf.getvalue()
+        if i in (3, 17):
+            image = image[: len(image) // 3]  # truncated file
+        caption = "a circle " * (200 if i == 5 else 1)  # far beyond both tokenizers' limits
+        records.append({"id": f"s{i}", "image": image, "caption": caption})
+    data = _write_mds(tmp_path / "data", records)
+    run = tmp_path / "run"
+    run_ok(train_cmd(run, data, "train.steps=2", "concepts.warmup_steps=2"))  # exactly one epoch
+    last = read_metrics(run)[-1]
+    assert last["count/replaced_samples"] == 2 and last["count/truncated_captions"] == 1
+
+
+@pytest.mark.slow
+def test_soak_memory_flat_and_nothing_accumulates(shapes, tmp_path):
+    shm_before = set(os.listdir("/dev/shm"))
+    run = tmp_path / "soak"
+    run_ok(train_cmd(run, shapes, "train.steps=300", "log.every=25", "checkpoint.every=50", "concepts.recompute_every=20"),
+           timeout=900)
+    rss = {row["step"]: row["rss_mb"] for row in read_metrics(run) if "rss_mb" in row}
+    # After warm-up (allocator pools, first concept fits), resident memory must not keep growing.
+    assert rss[300] - rss[100] < 40, rss
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000250", "step_00000300"]
+    assert not [n for n in set(os.listdir("/dev/shm")) - shm_before if not n.startswith("deepspeed_allreduce")]

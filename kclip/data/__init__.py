@@ -1,0 +1,1 @@
+"""Data pipeline: converters to MDS (`kclip prepare ...`), the Twemoji demo dataset, and the streaming loader."""

@@ -1,0 +1,70 @@
+"""`kclip prepare {csv,folder,tar,demo} ...`: convert image-caption data to MDS folders for training."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from kclip.data.demo import build_demo
+from kclip.data.prepare import write_mds
+from kclip.data.sources import csv_candidates, folder_candidates, tar_candidates
+
+
+def _label_cols(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kclip prepare", description=__doc__)
+    sub = p.add_subparsers(dest="format", required=True)
+
+    def common(sp, labels: bool = True):
+        sp.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+        sp.add_argument("--tokenizer", default="byte", help="tokenizer for the caption length stats: byte | PATH")
+        sp.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode-check processes")
+        if labels:
+            sp.add_argument("--label-cols", type=_label_cols, default=(), help="comma-separated label columns/keys")
+            sp.add_argument("--shard-mb", type=int, default=64, help="uncompressed shard size limit in MB")
+
+    c = sub.add_parser("csv", help="CSV/TSV with image path and caption columns")
+    c.add_argument("--src", required=True)
+    c.add_argument("--image-col", default="filepath")
+    c.add_argument("--caption-col", default="title")
+    c.add_argument("--sep", default="auto", help="auto | , | \\t")
+    common(c)
+    f = sub.add_parser("folder", help="x.jpg/png + x.txt caption (+ x.json metadata for labels)")
+    f.add_argument("--src", required=True)
+    common(f)
+    t = sub.add_parser("tar", help="webdataset tars as img2dataset writes them (key.jpg + key.txt + key.json)")
+    t.add_argument("--src", required=True, nargs="+", help="tar files and/or globs (quote globs)")
+    common(t)
+    d = sub.add_parser("demo", help="the Twemoji demo dataset (train/val, labels category/subcategory)")
+    common(d, labels=False)
+    return p
+
+
+def prepare_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.format == "demo":
+            stats = build_demo(args.out, tokenizer=args.tokenizer, workers=args.workers)
+        else:
+            if args.format == "csv":
+                candidates = csv_candidates(
+                    args.src, image_col=args.image_col, caption_col=args.caption_col, label_cols=args.label_cols,
+                    sep=args.sep,
+                )
+            elif args.format == "folder":
+                candidates = folder_candidates(args.src, label_cols=args.label_cols)
+            else:
+                candidates = tar_candidates(args.src, label_cols=args.label_cols)
+            stats = write_mds(
+                candidates, args.out, label_columns=args.label_cols, tokenizer=args.tokenizer, workers=args.workers,
+                size_limit=args.shard_mb << 20, desc=f"prepare {args.format}",
+            )
+    except (OSError, ValueError) as e:
+        print(f"kclip prepare: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(stats, indent=2, sort_keys=True))
+    return 0
