@@ -178,3 +178,13 @@ def test_invalid_config_fails_before_any_process_group(shapes, tmp_path, overrid
     lines = [line for line in proc.stderr.splitlines() if line.startswith("kclip: error:")]
     assert len(lines) == 1 and key in lines[0], proc.stderr[-2000:]
     assert time.time() - start < 60
+
+
+def test_teacher_folder_without_weights_fails_before_any_process_group(shapes, tmp_path):
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    proc = subprocess.run(train_cmd(tmp_path / "run", shapes, f"teacher.path={folder}"), env=_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"kclip: error: teacher.path: {folder} holds no weights" in proc.stderr
