@@ -1,4 +1,4 @@
-"""`kclip` command line: prepare data, fetch the demo teacher, train, evaluate."""
+"""`kclip` command line: prepare data, fetch the demo teacher, train, evaluate, export, embed, report."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +61,10 @@ COMMANDS = {
     "prepare": "kclip.data.cli:prepare_main",
     "fetch-teacher": "kclip.fetch:main",
     "train": "kclip.cli:train_main",
+    "eval": "kclip.eval.run:main",
+    "export": "kclip.export:main",
+    "embed": "kclip.eval.embed:main",
+    "report": "kclip.report:main",
 }
 
 

@@ -2,55 +2,98 @@
 
 Streaming pads every rank to the same sample count by repeating samples; rows are de-duplicated by their global
 sample index before any metric is computed, so each pair counts exactly once.
+
+Which rows show the same image, and which captions are the same text (see kclip.eval.retrieval for the rule):
+- image key = the sample id without the `#k` suffix that `kclip prepare` gives the 2nd, 3rd... caption of an image;
+- text key = the caption's student token ids (after truncation): identical token sequences are texts the student
+  cannot tell apart.
+Keys are 63-bit hashes so they travel through the same tensor all-gather as the embeddings.
 """
 from __future__ import annotations
 
+import hashlib
+import re
+
 import torch
+import torch.distributed
 
 from kclip import dist
+from kclip.eval.retrieval import retrieval_metrics
+
+CAPTION_SUFFIX = re.compile(r"#\d+$")
+
+
+def image_id(sample_id: str) -> str:
+    """`photos/a.jpg#2` -> `photos/a.jpg`: the id of the image a (possibly repeated) record shows."""
+    return CAPTION_SUFFIX.sub("", sample_id)
+
+
+def stable_hash(data: bytes) -> int:
+    """A 63-bit non-negative hash, identical in every process (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+def text_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([stable_hash(ids[m.bool()].numpy().astype("int64").tobytes())
+                         for ids, m in zip(input_ids.cpu(), attention_mask.cpu())], dtype=torch.long)
+
+
+def gather_objects(items: list) -> list:
+    """Concatenate per-rank Python lists in rank order (the order all_gather_rows uses)."""
+    if dist.world_size() == 1:
+        return items
+    parts = [None] * dist.world_size()
+    torch.distributed.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
 
 
 @torch.no_grad()
 def embed_split(model, loader, device) -> dict:
-    """Image and text embeddings (L2-normalised) of every sample in the loader's split, identical on all ranks."""
+    """Embeddings and keys of every sample in the loader's split, de-duplicated, sorted by index, identical on all
+    ranks: image, text [n, d] (L2-normalised float32), index, image_key, text_key [n] (long); plus `labels`
+    {column: [n] str} when the batches carry labels and `caption` [n] str when they carry captions."""
     was_training = model.training
     model.eval()
-    images, texts, indices = [], [], []
+    images, texts, indices, image_keys, txt_keys = [], [], [], [], []
+    labels: dict[str, list] = {}
+    captions: list[str] = []
     for batch in loader:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         images.append(model.encode_image(batch["pixels"].to(device)).float().cpu())
-        texts.append(model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
+        texts.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())
         indices.append(batch["index"].cpu())
+        image_keys.append(torch.tensor([stable_hash(image_id(s).encode()) for s in batch["sample_id"]]))
+        txt_keys.append(text_keys(ids, mask))
+        for column, values in batch.get("labels", {}).items():
+            labels.setdefault(column, []).extend(values)
+        captions.extend(batch.get("caption", []))
     model.train(was_training)
     image = dist.all_gather_rows(torch.cat(images))
     text = dist.all_gather_rows(torch.cat(texts))
     index = dist.all_gather_rows(torch.cat(indices))
+    image_key = dist.all_gather_rows(torch.cat(image_keys))
+    text_key = dist.all_gather_rows(torch.cat(txt_keys))
     order = torch.argsort(index, stable=True)
-    index, first = index[order], torch.ones(len(order), dtype=torch.bool)
-    first[1:] = index[1:] != index[:-1]
+    sorted_index, first = index[order], torch.ones(len(order), dtype=torch.bool)
+    first[1:] = sorted_index[1:] != sorted_index[:-1]
     keep = order[first]
-    return {"image": image[keep], "text": text[keep], "index": index[first]}
+    out = {"image": image[keep], "text": text[keep], "index": sorted_index[first],
+           "image_key": image_key[keep], "text_key": text_key[keep]}
+    keep_list = keep.tolist()
 
+    def gathered(values: list) -> list:
+        values = gather_objects(values)
+        return [values[i] for i in keep_list]
 
-def ranks_of_targets(similarity: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each row's target column when columns are sorted by descending similarity. Ties count
-    against the target, so a collapsed model (all scores equal) scores R@1 = 0 rather than 1."""
-    target_scores = similarity.gather(1, targets[:, None])
-    return (similarity >= target_scores).sum(dim=1) - 1
-
-
-def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
-    """Image->text and text->image Recall@k and median rank (1-based) for paired rows (row i of each is a pair)."""
-    sim = image @ text.T
-    targets = torch.arange(sim.shape[0])
-    out = {}
-    for name, s in (("i2t", sim), ("t2i", sim.T)):
-        ranks = ranks_of_targets(s, targets)
-        for k in ks:
-            out[f"retrieval/{name}_R@{k}"] = float((ranks < k).float().mean())
-        out[f"retrieval/{name}_median_rank"] = float(ranks.float().median() + 1)
+    if labels:
+        out["labels"] = {column: gathered(values) for column, values in labels.items()}
+    if captions:
+        out["caption"] = gathered(captions)
     return out
 
 
 def evaluate_split(model, loader, device) -> dict[str, float]:
+    """Retrieval metrics (kclip.eval.retrieval) over the split, and `num_samples` (distinct pairs)."""
     emb = embed_split(model, loader, device)
-    return {**retrieval_metrics(emb["image"], emb["text"]), "num_samples": int(emb["index"].numel())}
+    return {**retrieval_metrics(emb["image"], emb["text"], emb["image_key"], emb["text_key"]),
+            "num_samples": int(emb["index"].numel())}

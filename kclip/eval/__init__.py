@@ -1,0 +1,1 @@
+"""Evaluation of trained or exported students: retrieval, zero-shot, probes, attribute datasets (`kclip eval`)."""

@@ -1,0 +1,218 @@
+"""Students for evaluation, export and embedding, read from a run folder, a checkpoint step folder or an export.
+
+- run folder (has `checkpoints/`): its `latest` complete checkpoint;
+- step folder (`checkpoints/step_XXXXXXXX/` with COMPLETE): the fp32 master weights, reassembled from the ZeRO-1/2
+  optimizer partitions of all ranks by DeepSpeed's zero_to_fp32 (exact even for bf16 runs, whose module copy is bf16);
+  the config comes from the checkpoint's client state;
+- exported folder (`kclip export`, has kclip_model.yaml): see kclip/export.py for its layout.
+
+Only the student towers are built (no distillation/concept heads): encode_image/encode_text give L2-normalised
+embeddings exactly as in training. A checkpoint of a Hugging Face CLIP student also needs `student.hf_clip` (the
+folder it was fine-tuned from) for the architecture; its weights come from the checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image
+from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from torchvision import transforms as T
+
+from kclip import checkpoint
+from kclip.config import Config, from_dict
+from kclip.data.loader import tokenize
+from kclip.models.knowledge_clip import KnowledgeCLIP
+from kclip.models.teacher import RANDOM_TEACHER_TOKENIZER
+from kclip.tokenizers import load_tokenizer
+
+EXPORT_SPEC = "kclip_model.yaml"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_TOKENIZER = "tokenizer"
+EXPORT_PREPROCESS = "preprocess.json"
+EXPORT_HF = "hf"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+class TextTokenizer:
+    """texts -> {"input_ids", "attention_mask"} [B, <= max_len], right-padded and truncated as in training."""
+
+    def __init__(self, tokenizer, max_len: int):
+        self.hf = tokenizer
+        self.max_len = max_len
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        ids, mask, _ = tokenize(self.hf, list(texts), self.max_len)
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+@dataclass
+class LoadedModel:
+    model: KnowledgeCLIP  # student towers only, eval mode, on the requested device
+    tokenizer: TextTokenizer
+    cfg: Config  # the training run's config (teacher settings for the text probes; data paths may be stale)
+    source: str
+    preprocess: dict  # preprocess_spec(): how images must be prepared for this student
+    step: int | None = None
+    concepts: dict | None = None  # ConceptBank.state_dict() saved with a checkpoint (None for exports)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def preprocess_spec(image_size: int) -> dict:
+    """The evaluation transform of kclip.data.transforms, as data (written to preprocess.json on export)."""
+    return {"image_size": image_size, "resize": "shorter_side", "interpolation": "bicubic", "crop": "center",
+            "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD), "transparent_background": "white"}
+
+
+def rgb_on_white(img: Image.Image) -> Image.Image:
+    """RGB image; transparent pixels composited onto white (what the training data pipeline does)."""
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def build_preprocess(spec: dict) -> T.Compose:
+    """PIL image -> normalised pixels [3, s, s], from a preprocess.json spec."""
+    if (spec["resize"], spec["interpolation"], spec["crop"]) != ("shorter_side", "bicubic", "center"):
+        raise ModelLoadError(f"unsupported preprocessing {spec}")
+    size = spec["image_size"]
+    return T.Compose([rgb_on_white, T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      T.ToTensor(), T.Normalize(spec["mean"], spec["std"])])
+
+
+def student_tokenizer(cfg: Config):
+    """The tokenizer the run's student was trained with (`teacher` = the teacher's own tokenizer)."""
+    if cfg.student.tokenizer == "teacher":
+        return load_tokenizer(cfg.teacher.path or RANDOM_TEACHER_TOKENIZER)
+    return load_tokenizer(cfg.student.tokenizer)
+
+
+def build_encoder(cfg: Config, tokenizer, hf_clip: str | None = None) -> KnowledgeCLIP:
+    """The student towers of `cfg` without heads and without fetching pretrained weights (they are loaded after)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.loss.distill_weight = cfg.loss.concept_weight = 0.0
+    cfg.student.pretrained_image = False
+    cfg.student.grad_checkpointing = False
+    if hf_clip is not None:
+        cfg.student.hf_clip = hf_clip
+    return KnowledgeCLIP(cfg, tokenizer, None)
+
+
+def locate(path: str | Path) -> tuple[str, Path]:
+    """("export" | "checkpoint", folder) for a run folder, a checkpoint step folder or an exported folder."""
+    path = Path(path)
+    if (path / EXPORT_SPEC).is_file():
+        return "export", path
+    if (path / "checkpoints").is_dir():
+        return "checkpoint", checkpoint.resolve(path, "latest")
+    if (path / MODEL_STATES).is_file() or (path / checkpoint.COMPLETE).exists():
+        return "checkpoint", checkpoint.resolve(path.parent, str(path))
+    raise ModelLoadError(f"{path}: not a run folder, a checkpoint step folder or an exported model")
+
+
+def student_weights(tag_dir: Path, module_state: dict) -> dict[str, torch.Tensor]:
+    """The `student.*` weights of a ZeRO-1/2 checkpoint as float32, keys relative to the student module.
+
+    Preferably the fp32 master weights from the optimizer partitions; if DeepSpeed cannot reassemble them (an
+    optimizer layout it does not know, missing partition files), the module copy in `module_state` (the training
+    precision: bf16 for bf16 runs), with a warning."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # it reports progress with print(); stdout may carry results
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        log.warning("%s: fp32 master weights not reassembled (%s: %s); using the module weights", tag_dir,
+                    type(e).__name__, e)
+        state = module_state
+    return {k[len("student."):]: v.detach().float() for k, v in state.items() if k.startswith("student.")}
+
+
+def load_checkpoint_model(tag_dir: Path, device) -> LoadedModel:
+    client = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
+    if "config" not in client:
+        raise ModelLoadError(f"{tag_dir}: checkpoint has no kclip config in its client state")
+    cfg = from_dict(client["config"])
+    tokenizer = student_tokenizer(cfg)
+    model = build_encoder(cfg, tokenizer)
+    model.student.load_state_dict(student_weights(tag_dir, client["module"]))
+    return LoadedModel(model.to(device).eval(), TextTokenizer(tokenizer, cfg.student.text_max_len), cfg,
+                       source=str(tag_dir), preprocess=preprocess_spec(cfg.student.image_size),
+                       step=client.get("step"), concepts=client.get("concepts"))
+
+
+def load_exported_model(folder: Path, device) -> LoadedModel:
+    spec = yaml.safe_load((folder / EXPORT_SPEC).read_text())
+    cfg = from_dict(spec["config"])
+    tokenizer = load_tokenizer(str(folder / EXPORT_TOKENIZER))
+    if spec["student"] == "hf_clip":
+        model = build_encoder(cfg, tokenizer, hf_clip=str(folder / EXPORT_HF))
+    else:
+        from safetensors.torch import load_file
+
+        model = build_encoder(cfg, tokenizer)
+        model.student.load_state_dict(load_file(str(folder / EXPORT_WEIGHTS)))
+    return LoadedModel(model.to(device).eval(), TextTokenizer(tokenizer, cfg.student.text_max_len), cfg,
+                       source=str(folder), preprocess=json.loads((folder / EXPORT_PREPROCESS).read_text()),
+                       step=spec.get("step"))
+
+
+def load_model(path: str | Path, device="cpu") -> LoadedModel:
+    kind, folder = locate(path)
+    if kind == "export":
+        return load_exported_model(folder, device)
+    return load_checkpoint_model(folder, device)
+
+
+def load(path: str | Path, device="cpu"):
+    """(model, tokenizer, preprocess) like open_clip.create_model_and_transforms:
+    `model.encode_image(torch.stack([preprocess(pil) ...]))`, `model.encode_text(**tokenizer(["a dog"]))`."""
+    loaded = load_model(path, device)
+    return loaded.model, loaded.tokenizer, build_preprocess(loaded.preprocess)
+
+
+@torch.no_grad()
+def encode_texts(model: KnowledgeCLIP, tokenizer: TextTokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised text embeddings [n, d] (float32, on CPU)."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start : start + batch_size])
+        out.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+@torch.no_grad()
+def encode_images(model: KnowledgeCLIP, pixels: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image embeddings [n, d] (float32, on CPU) of a batch of preprocessed pixels."""
+    return model.encode_image(pixels.to(next(model.parameters()).device)).float().cpu()
+
+
+def embed_image_files(loaded: LoadedModel, paths: list[Path], batch_size: int = 64) -> torch.Tensor:
+    """L2-normalised embeddings [n, d] of image files, prepared with the model's own preprocessing."""
+    preprocess = build_preprocess(loaded.preprocess)
+    out = []
+    for start in range(0, len(paths), batch_size):
+        pixels = []
+        for path in paths[start : start + batch_size]:
+            with Image.open(path) as img:
+                pixels.append(preprocess(img))
+        out.append(encode_images(loaded.model, torch.stack(pixels)))
+    return torch.cat(out) if out else torch.empty(0, 0)

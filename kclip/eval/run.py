@@ -1,0 +1,245 @@
+"""`kclip eval`: every evaluation of one student, written to one flat metrics.json.
+
+Keys (all floats unless noted; absent when the evaluation was skipped or not applicable):
+  num_samples                                   distinct (image, caption) pairs in --data (int)
+  num_images                                    distinct images in --data (int)
+  retrieval/{i2t,t2i}_R@{1,5,10}                positives: same image id OR identical caption (kclip.eval.retrieval)
+  retrieval/{i2t,t2i}_median_rank               1-based
+  zeroshot/<col>/{top1,top5,mean_per_class}     class-name prompts over the label values of <col>
+  probe/linear/<col>/{top1,top5,mean_per_class,lambda}   logistic regression on frozen image features
+  probe/teacher_knn_overlap, probe/teacher_knn_chance    overlap@k of caption neighbourhoods, and its chance level
+  probe/caption_em, probe/caption_em_train, probe/caption_em_num_test   caption reconstruction exact match
+  attributes/{awa2,cub}/[unseen/]{classname,attribute}/{top1,top5,mean_per_class}, attributes/<set>/num_images
+                                                unseen/: images of testclasses.txt among those classes only
+  protocol/...                                  (strings) the settings each number was computed with
+Images with several captions count once in zero-shot and the probes (first record of each image).
+
+Runs on one process, or on several (deepspeed/torchrun launchers): embeddings and teacher embeddings are computed in
+shares and gathered; everything after that runs on rank 0, which writes the file.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from streaming import StreamingDataLoader
+
+from kclip import dist
+from kclip.checkpoint import CheckpointError
+from kclip.data.loader import build_loader
+from kclip.eval import attributes
+from kclip.eval.caption_em import ProbeConfig, caption_em
+from kclip.eval.knn_overlap import DEFAULT_K, distinct_captions, knn_overlap, teacher_embeddings
+from kclip.eval.linear_probe import LAMBDAS, VALIDATION_FRACTION, holdout_mask, linear_probe
+from kclip.eval.model_io import LoadedModel, ModelLoadError, load_model
+from kclip.eval.retrieval import group_ids, retrieval_metrics
+from kclip.eval.zeroshot import DEFAULT_TEMPLATES, label_targets, load_templates, zero_shot
+from kclip.evaluate import embed_split, stable_hash
+
+PROBES = ("retrieval", "zeroshot", "linear", "knn", "caption_em")
+# Without --probe-train, this fraction of --data (by image id / caption hash) is the probes' test side.
+PROBE_TEST_FRACTION = 0.3
+KNN_MAX_CAPTIONS = 5000
+
+
+class WithCaptions:
+    """Collate that also passes the caption strings (the text probes need the text, not only token ids)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, samples: list[dict]) -> dict:
+        return {**self.collate(samples), "caption": [s["caption"] for s in samples]}
+
+
+def eval_loader(data_dir: str, loaded: LoadedModel, batch_size: int, label_columns, workers: int):
+    """Every sample of `data_dir` once per rank share, in order, eval transform, captions included.
+
+    build_loader drops a ragged last batch (training needs equal batches); evaluation must see every sample, so its
+    dataset is re-wrapped without drop_last."""
+    base = build_loader(data_dir, batch_size=batch_size, image_size=loaded.cfg.student.image_size, train=False,
+                        student_tokenizer=loaded.tokenizer.hf, student_max_len=loaded.tokenizer.max_len,
+                        shuffle=False, num_workers=workers, label_columns=label_columns)
+    return StreamingDataLoader(base.dataset, batch_size=batch_size, collate_fn=WithCaptions(base.collate_fn),
+                               num_workers=workers, drop_last=False)
+
+
+def per_image(emb: dict) -> dict:
+    """The first record of every distinct image: image [m, d], key [m], labels {col: [m]}."""
+    _, first = group_ids(emb["image_key"])
+    rows = first.tolist()
+    return {"image": emb["image"][first], "key": emb["image_key"][first],
+            "labels": {c: [v[i] for i in rows] for c, v in emb.get("labels", {}).items()}}
+
+
+def probe_sides(test_emb: dict, train_emb: dict | None) -> tuple[dict, dict]:
+    """(train, test) image sets: --probe-train vs --data, or a fixed split of --data by image id."""
+    test = per_image(test_emb)
+    if train_emb is not None:
+        return per_image(train_emb), test
+    held = holdout_mask(test["key"], PROBE_TEST_FRACTION)
+
+    def pick(mask):
+        rows = mask.nonzero().flatten().tolist()
+        return {"image": test["image"][mask], "key": test["key"][mask],
+                "labels": {c: [v[i] for i in rows] for c, v in test["labels"].items()}}
+
+    return pick(~held), pick(held)
+
+
+def linear_probes(train: dict, test: dict, columns) -> dict:
+    out = {}
+    for col in columns:
+        classes, targets = label_targets(train["labels"][col] + test["labels"][col])
+        n = len(train["labels"][col])
+        result = linear_probe(train["image"], targets[:n], test["image"], targets[n:], len(classes))
+        out.update({f"probe/linear/{col}/{k}": v for k, v in result.items()})
+    return out
+
+
+def caption_probe(loaded: LoadedModel, test_emb: dict, train_emb: dict | None, cfg: ProbeConfig) -> dict:
+    def distinct(emb):
+        rows = distinct_captions(emb["caption"])
+        return emb["text"][rows], [emb["caption"][i] for i in rows]
+
+    test_text, test_caps = distinct(test_emb)
+    if train_emb is not None:
+        train_text, train_caps = distinct(train_emb)
+    else:
+        held = holdout_mask(torch.tensor([stable_hash(c.encode()) for c in test_caps]), PROBE_TEST_FRACTION)
+        train_text, train_caps = test_text[~held], [c for c, h in zip(test_caps, held) if not h]
+        test_text, test_caps = test_text[held], [c for c, h in zip(test_caps, held) if h]
+    result = caption_em(train_text, train_caps, test_text, test_caps, cfg, device=loaded.device)
+    return {"probe/caption_em": result["em"], "probe/caption_em_train": result["train_em"],
+            "probe/caption_em_num_test": result["num_test"]}
+
+
+def teacher_config(loaded: LoadedModel, path: str | None):
+    """The teacher settings for the kNN probe: the run's (if it trained with one), with `path` replacing its model."""
+    if path is None:
+        return loaded.cfg.teacher if loaded.cfg.needs_teacher else None
+    cfg = copy.deepcopy(loaded.cfg.teacher)
+    cfg.path, cfg.random_config = path, None
+    return cfg
+
+
+def evaluate(loaded: LoadedModel, *, data: str | None, label_columns=(), templates=DEFAULT_TEMPLATES,
+             batch_size: int = 64, workers: int = 0, probe_train: str | None = None, awa2: str | None = None,
+             cub: str | None = None, skip=(), knn_k: int = DEFAULT_K, knn_max_captions: int = KNN_MAX_CAPTIONS,
+             caption_cfg: ProbeConfig | None = None, teacher: str | None = None) -> dict | None:
+    """All evaluations; collective over ranks. Returns the metrics on rank 0, None elsewhere.
+    The kNN probe uses the run's teacher, or `teacher` (a model path) instead, e.g. to compare a plain-CLIP run
+    with the teacher a Knowledge-CLIP run distilled from."""
+    caption_cfg = caption_cfg or ProbeConfig()
+    metrics: dict = {"protocol/checkpoint": loaded.source}
+    teacher_cfg = teacher_config(loaded, teacher)
+    emb = train_emb = teacher_emb = None
+    if data:
+        emb = embed_split(loaded.model, eval_loader(data, loaded, batch_size, label_columns, workers), loaded.device)
+        needs_train = ("linear" not in skip and label_columns) or "caption_em" not in skip
+        if probe_train and needs_train:
+            train_emb = embed_split(loaded.model, eval_loader(probe_train, loaded, batch_size, label_columns, workers),
+                                    loaded.device)
+        if "knn" not in skip and teacher_cfg is not None:
+            from kclip.models.teacher import build_teacher
+
+            rows = distinct_captions(emb["caption"], knn_max_captions)
+            teacher_emb = teacher_embeddings(build_teacher(teacher_cfg), [emb["caption"][i] for i in rows])
+    if not dist.is_main():
+        return None
+    if emb is not None:
+        metrics.update(num_samples=int(emb["index"].numel()), num_images=int(group_ids(emb["image_key"])[1].numel()))
+        if "retrieval" not in skip:
+            metrics.update(retrieval_metrics(emb["image"], emb["text"], emb["image_key"], emb["text_key"]))
+            metrics["protocol/retrieval"] = "positives: same image id or identical caption tokens; ties count against"
+        images = per_image(emb)
+        if "zeroshot" not in skip:
+            for col in label_columns:
+                result = zero_shot(loaded.model, loaded.tokenizer, images["image"], images["labels"][col], templates)
+                metrics.update({f"zeroshot/{col}/{k}": v for k, v in result.items()})
+            metrics["protocol/zeroshot_templates"] = " | ".join(templates)
+        if "linear" not in skip and label_columns:
+            metrics.update(linear_probes(*probe_sides(emb, train_emb), label_columns))
+            metrics["protocol/linear_probe"] = (
+                f"L-BFGS multinomial logistic regression on standardised image features; lambda from {list(LAMBDAS)} "
+                f"by top-1 on a {VALIDATION_FRACTION:.0%} validation split; train: "
+                + (probe_train if probe_train else f"{1 - PROBE_TEST_FRACTION:.0%} of --data by image id"))
+        if "knn" not in skip and teacher_emb is None:
+            metrics["protocol/teacher_knn"] = "skipped: the run has no teacher (pass --teacher)"
+        if teacher_emb is not None:
+            rows = distinct_captions(emb["caption"], knn_max_captions)
+            k = min(knn_k, len(rows) - 1)
+            metrics["probe/teacher_knn_overlap"] = knn_overlap(emb["text"][rows], teacher_emb, k)
+            metrics["probe/teacher_knn_chance"] = k / (len(rows) - 1)
+            metrics["protocol/teacher_knn"] = f"k={k} over {len(rows)} distinct captions, cosine, self excluded"
+        if "caption_em" not in skip:
+            metrics.update(caption_probe(loaded, emb, train_emb, caption_cfg))
+            metrics["protocol/caption_em"] = caption_cfg.describe() + "; train: " + (
+                probe_train if probe_train else f"{1 - PROBE_TEST_FRACTION:.0%} of distinct captions by text hash")
+    for name, root in (("awa2", awa2), ("cub", cub)):
+        if root:
+            metrics.update(attributes.attribute_zero_shot(loaded, attributes.READERS[name](root)))
+            metrics[f"protocol/attributes/{name}"] = f"{root}: see kclip/eval/attributes.py (no training on seen classes)"
+    return metrics
+
+
+def _columns(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kclip eval", description="Evaluate a student; see kclip/eval/run.py for keys.")
+    p.add_argument("--checkpoint", required=True, help="run folder (latest checkpoint), step folder or export")
+    p.add_argument("--data", help="MDS folder of image-caption pairs (retrieval, zero-shot, probes)")
+    p.add_argument("--out", help="metrics.json to write (also printed)")
+    p.add_argument("--label-cols", type=_columns, default=(), help="comma-separated label columns of --data")
+    p.add_argument("--templates", help="file of zero-shot prompt templates, one per line with {}")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--probe-train", help="MDS folder training the probes (default: a fixed 70%% split of --data)")
+    p.add_argument("--awa2", help="Animals_with_Attributes2 folder")
+    p.add_argument("--cub", help="CUB_200_2011 folder")
+    p.add_argument("--skip", type=_columns, default=(), help=f"comma-separated subset of {','.join(PROBES)}")
+    p.add_argument("--teacher", help="teacher model path (HF folder or .gguf) for the kNN probe, instead of the run's")
+    p.add_argument("--knn-k", type=int, default=DEFAULT_K)
+    p.add_argument("--knn-max-captions", type=int, default=KNN_MAX_CAPTIONS)
+    p.add_argument("--em-steps", type=int, default=ProbeConfig.steps, help="caption decoder training steps")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    unknown = set(args.skip) - set(PROBES)
+    if unknown:
+        print(f"kclip eval: error: --skip: unknown {sorted(unknown)}; choose from {','.join(PROBES)}", file=sys.stderr)
+        return 2
+    if not (args.data or args.awa2 or args.cub):
+        print("kclip eval: error: nothing to evaluate: give --data and/or --awa2/--cub", file=sys.stderr)
+        return 2
+    try:
+        templates = load_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
+        dist.map_launcher_env()
+        if int(os.environ["WORLD_SIZE"]) > 1:
+            dist.init()
+        loaded = load_model(args.checkpoint, dist.device())
+        metrics = evaluate(loaded, data=args.data, label_columns=args.label_cols, templates=templates,
+                           batch_size=args.batch_size, workers=args.workers, probe_train=args.probe_train,
+                           awa2=args.awa2, cub=args.cub, skip=args.skip, knn_k=args.knn_k,
+                           knn_max_captions=args.knn_max_captions, caption_cfg=ProbeConfig(steps=args.em_steps),
+                           teacher=args.teacher)
+    except (ModelLoadError, CheckpointError, OSError, ValueError) as e:
+        print(f"kclip eval: error: {e}", file=sys.stderr)
+        return 2
+    if metrics is None:
+        return 0
+    text = json.dumps(metrics, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0

@@ -1,0 +1,99 @@
+"""`kclip export CHECKPOINT OUT`: a self-contained student folder, loadable without DeepSpeed or the run folder.
+
+OUT/
+  kclip_model.yaml    format, student kind (dual_encoder | hf_clip), source checkpoint and step, the run's config
+  model.safetensors   the DualEncoder's weights (keys of the student module)           [dual_encoder]
+  hf/                 CLIPModel + tokenizer + CLIPImageProcessor, save_pretrained      [hf_clip]
+                      (CLIPModel.from_pretrained(OUT/hf) works; logit_scale is 0-dim again and clamped to the
+                      training maximum, since Hugging Face's forward does not clamp it)
+  tokenizer/          the student tokenizer (save_pretrained; kclip.tokenizers.load_tokenizer reads it)
+  preprocess.json     image preprocessing: size, shorter-side bicubic resize, center crop, mean/std
+
+Load with `kclip.load(OUT)` -> (model, tokenizer, preprocess). CHECKPOINT is a run folder (its latest checkpoint), a
+step folder or another export. OUT is written under a temporary name and renamed, so it is never half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from kclip.checkpoint import CheckpointError
+from kclip.config import to_dict
+from kclip.eval.model_io import (
+    EXPORT_HF,
+    EXPORT_PREPROCESS,
+    EXPORT_SPEC,
+    EXPORT_TOKENIZER,
+    EXPORT_WEIGHTS,
+    LoadedModel,
+    ModelLoadError,
+    load_model,
+)
+from kclip.models.student import HFCLIPStudent
+
+FORMAT_VERSION = 1
+
+
+def write_hf(student: HFCLIPStudent, max_log_scale: float, tokenizer, preprocess: dict, out: Path) -> None:
+    from transformers import CLIPImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    state = student.clip.state_dict()
+    state["logit_scale"] = state["logit_scale"].clamp(max=max_log_scale).reshape(())
+    student.clip.save_pretrained(out, state_dict=state)
+    tokenizer.save_pretrained(out)
+    size = preprocess["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                       resample=PILImageResampling.BICUBIC, image_mean=preprocess["mean"],
+                       image_std=preprocess["std"]).save_pretrained(out)
+
+
+def export_model(loaded: LoadedModel, out: str | Path) -> Path:
+    """Write `loaded` as an export folder at `out` (which must not exist or be empty)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    student = loaded.model.student
+    kind = "hf_clip" if isinstance(student, HFCLIPStudent) else "dual_encoder"
+    if kind == "hf_clip":
+        write_hf(student, loaded.cfg.student.max_logit_scale, loaded.tokenizer.hf, loaded.preprocess, tmp / EXPORT_HF)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(tmp / EXPORT_WEIGHTS))
+    loaded.tokenizer.hf.save_pretrained(tmp / EXPORT_TOKENIZER)
+    (tmp / EXPORT_PREPROCESS).write_text(json.dumps(loaded.preprocess, indent=1))
+    spec = {"format": FORMAT_VERSION, "student": kind, "source": loaded.source, "step": loaded.step,
+            "config": to_dict(loaded.cfg)}
+    (tmp / EXPORT_SPEC).write_text(yaml.safe_dump(spec, sort_keys=False))
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    return export_model(load_model(checkpoint, "cpu"), out)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kclip export", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="run folder, checkpoint step folder or exported folder")
+    parser.add_argument("out", help="output folder (absent or empty)")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out)
+    except (ModelLoadError, CheckpointError, OSError, ValueError) as e:
+        print(f"kclip export: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"exported": str(out), "files": sorted(p.name for p in out.iterdir())}))
+    return 0

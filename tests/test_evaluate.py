@@ -1,0 +1,240 @@
+"""Evaluation metrics against hand-computed cases: retrieval (several captions per image, identical captions, ties),
+zero-shot, linear probe, kNN overlap, caption reconstruction, and the AWA2/CUB readers on tiny fake folders."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from evalruns import single_thread
+from PIL import Image
+
+from kclip.config import load_config
+from kclip.eval import attributes
+from kclip.eval.caption_em import ProbeConfig, caption_em, exact_match, train_decoder
+from kclip.eval.knn_overlap import distinct_captions, knn_overlap
+from kclip.eval.linear_probe import holdout_mask, linear_probe
+from kclip.eval.model_io import (
+    LoadedModel,
+    TextTokenizer,
+    build_encoder,
+    encode_texts,
+    preprocess_spec,
+    student_tokenizer,
+)
+from kclip.eval.retrieval import retrieval_metrics
+from kclip.eval.zeroshot import class_embeddings, classification_metrics, load_templates
+from kclip.evaluate import image_id
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
+
+
+def unit(*rows) -> torch.Tensor:
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
+
+
+def test_perfect_embeddings_score_one_and_random_ones_near_chance():
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(64, 32, generator=g), dim=1)
+    perfect = retrieval_metrics(x, x)
+    assert all(perfect[f"retrieval/{d}_R@1"] == 1.0 and perfect[f"retrieval/{d}_median_rank"] == 1.0
+               for d in ("i2t", "t2i"))
+    n = 400
+    a, b = (F.normalize(torch.randn(n, 64, generator=g), dim=1) for _ in range(2))
+    shuffled = retrieval_metrics(a, b)
+    for d in ("i2t", "t2i"):
+        assert shuffled[f"retrieval/{d}_R@1"] < 5 / n
+        assert abs(shuffled[f"retrieval/{d}_R@10"] - 10 / n) < 0.03
+        assert abs(shuffled[f"retrieval/{d}_median_rank"] - n / 2) < n / 5
+
+
+def test_collapsed_model_scores_zero_not_one():
+    same = unit(*[[1.0, 0.0]] * 5)
+    m = retrieval_metrics(same, same)
+    assert m["retrieval/i2t_R@1"] == 0.0 and m["retrieval/t2i_R@1"] == 0.0 and m["retrieval/i2t_median_rank"] == 5
+
+
+def test_several_captions_per_image_hand_computed():
+    # Image A has captions 0, 1; image B has caption 2. Rows: (A, c0), (A, c1), (B, c2).
+    image = unit([1, 0], [1, 0], [0, 1])
+    # c0 matches A, c1 is closer to B than to A, c2 matches B.
+    text = unit([1, 0], [0.2, 1], [0, 1])
+    keys = torch.tensor([7, 7, 9])
+    m = retrieval_metrics(image, text, image_key=keys, text_key=torch.tensor([0, 1, 2]))
+    # i2t over 2 images: A's best caption c0 ranks first; B's best c2 (score 1) beats c1 (0.98): both R@1.
+    assert m["retrieval/i2t_R@1"] == 1.0
+    # t2i over 3 captions: c0 -> A first; c1 -> B first (wrong, rank 1); c2 -> B first.
+    assert m["retrieval/t2i_R@1"] == pytest.approx(2 / 3)
+    assert m["retrieval/t2i_R@5"] == 1.0
+    # Treating the duplicated image rows as two images would make A's second row a distractor: not so here.
+    assert image_id("photos/a.jpg#2") == "photos/a.jpg" == image_id("photos/a.jpg")
+
+
+def test_identical_caption_texts_are_positives():
+    # Two images with the same caption text "a red circle" and one other; the two identical captions embed alike.
+    image = unit([1, 0.1], [1, -0.1], [0, 1])
+    text = unit([1, 0], [1, 0], [0, 1])
+    plain = retrieval_metrics(image, text)
+    keyed = retrieval_metrics(image, text, image_key=torch.arange(3), text_key=torch.tensor([5, 5, 6]))
+    assert plain["retrieval/i2t_R@1"] < 1.0 and plain["retrieval/t2i_R@1"] < 1.0  # ties/duplicates count against
+    assert keyed["retrieval/i2t_R@1"] == 1.0 and keyed["retrieval/t2i_R@1"] == 1.0
+
+
+def test_classification_metrics_hand_computed():
+    scores = torch.tensor([[3.0, 2, 1], [3, 2, 1], [3, 2, 1], [1, 3, 2]])
+    targets = torch.tensor([0, 0, 1, 2])
+    m = classification_metrics(scores, targets, ks=(1, 2))
+    assert m["top1"] == pytest.approx(2 / 4)
+    assert m["top2"] == pytest.approx(4 / 4)
+    assert m["mean_per_class"] == pytest.approx((1.0 + 0.0 + 0.0) / 3)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    cfg = load_config("smoke")
+    tok = student_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = build_encoder(cfg, tok).eval()
+    return LoadedModel(model, TextTokenizer(tok, cfg.student.text_max_len), cfg, source="random",
+                       preprocess=preprocess_spec(cfg.student.image_size))
+
+
+def test_zero_shot_class_embedding_is_normalised_prompt_mean_and_separable_is_perfect(encoder):
+    templates = ["a {}", "the {} here"]
+    names = ["cat", "dog", "red car"]
+    w = class_embeddings(encoder.model, encoder.tokenizer, names, templates)
+    by_hand = [F.normalize(encode_texts(encoder.model, encoder.tokenizer, [t.format(n) for t in templates]).mean(0), dim=0)
+               for n in names]
+    assert torch.allclose(w, torch.stack(by_hand), atol=1e-5)
+    # Images placed exactly on their class embedding are classified perfectly.
+    targets = torch.tensor([0, 1, 2, 2, 0])
+    m = classification_metrics(w[targets] @ w.T, targets)
+    assert m["top1"] == m["mean_per_class"] == 1.0
+
+
+def test_templates_file(tmp_path):
+    (tmp_path / "t.txt").write_text("a photo of a {}.\n\n{} emoji\n")
+    assert load_templates(tmp_path / "t.txt") == ["a photo of a {}.", "{} emoji"]
+    (tmp_path / "bad.txt").write_text("no slot\n")
+    with pytest.raises(ValueError, match="exactly one"):
+        load_templates(tmp_path / "bad.txt")
+
+
+def test_linear_probe_separable_is_perfect_and_random_labels_near_chance():
+    g = torch.Generator().manual_seed(0)
+    classes, d = 4, 16
+    centers = torch.randn(classes, d, generator=g) * 4
+    y = torch.randint(0, classes, (240,), generator=g)
+    x = centers[y] + torch.randn(240, d, generator=g)
+    good = linear_probe(x[:160], y[:160], x[160:], y[160:], classes)
+    assert good["top1"] == 1.0 and good["mean_per_class"] == 1.0
+    noise = torch.randint(0, classes, (240,), generator=g)
+    bad = linear_probe(x[:160], noise[:160], x[160:], noise[160:], classes)
+    assert bad["top1"] < 0.45
+    keys = torch.arange(10_000)
+    assert holdout_mask(keys, 0.3).float().mean() == pytest.approx(0.3)
+
+
+def test_knn_overlap_is_one_under_rotation_and_near_chance_for_unrelated_spaces():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 24, generator=g)
+    rotation, _ = torch.linalg.qr(torch.randn(24, 24, generator=g))
+    assert knn_overlap(a, a @ rotation, k=5) == pytest.approx(1.0)
+    unrelated = knn_overlap(a, torch.randn(200, 24, generator=g), k=5)
+    assert unrelated < 0.1  # chance is 5 / 199
+    assert distinct_captions(["x", "y", "x", "z"], limit=2) == [0, 1]
+
+
+def test_caption_decoder_reads_back_informative_embeddings_only():
+    captions = ["a red circle", "a blue square", "a green star", "a pink moon", "two cats", "one dog"]
+    g = torch.Generator().manual_seed(0)
+    informative = torch.randn(len(captions), 16, generator=g)
+    cfg = ProbeConfig(steps=120, batch_size=12, hidden=48, layers=1, lr=1e-2)
+    decoder = train_decoder(informative, captions, cfg)
+    assert exact_match(decoder, informative, captions, cfg.max_bytes) == 1.0
+    constant = torch.zeros(len(captions), 16)
+    blind = train_decoder(constant, captions, cfg)
+    assert exact_match(blind, constant, captions, cfg.max_bytes) <= 1 / len(captions)
+    # Held-out captions that also occur in training are left out, and so are captions over max_bytes
+    # ("a blue square" has 13 bytes).
+    r = caption_em(informative[:4], captions[:4], informative[2:], captions[2:], ProbeConfig(steps=2, max_bytes=12))
+    assert r["num_train"] == 3 and r["num_test"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AWA2 / CUB layouts
+
+
+def _jpeg(path, color):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20, 20), color).save(path)
+
+
+def fake_awa2(root):
+    classes = ["antelope", "grizzly+bear", "killer+whale"]
+    predicates = ["black", "white", "flippers", "furry"]
+    root.mkdir(parents=True)
+    (root / "classes.txt").write_text("".join(f"{i}\t{c}\n" for i, c in enumerate(classes, 1)))
+    (root / "predicates.txt").write_text("".join(f"{i}\t{p}\n" for i, p in enumerate(predicates, 1)))
+    np.savetxt(root / "predicate-matrix-continuous.txt", np.array([[1, 50, 0, 30], [60, 0, 0, 80], [70, 70, 90, -1]]))
+    (root / "testclasses.txt").write_text("grizzly+bear\nkiller+whale\n")
+    for i, c in enumerate(classes):
+        for j in range(2):
+            _jpeg(root / "JPEGImages" / c / f"{c}_{j}.jpg", (40 * i, 100, 30 * j))
+    return root
+
+
+def fake_cub(root):
+    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
+    attrs = ["has_bill_shape::curved_(up_or_down)", "has_wing_color::blue", "has_size::small_(5_-_9_in)"]
+    (root / "classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(classes, 1)))
+    (root.parent / "attributes.txt").write_text("".join(f"{i} {a}\n" for i, a in enumerate(attrs, 1)))
+    images = [f"{classes[i % 2]}/img_{i}.jpg" for i in range(6)]
+    (root / "images.txt").write_text("".join(f"{i} {p}\n" for i, p in enumerate(images, 1)))
+    (root / "image_class_labels.txt").write_text("".join(f"{i} {k % 2 + 1}\n" for k, i in enumerate(range(1, 7))))
+    (root / "train_test_split.txt").write_text("".join(f"{i} {int(i <= 2)}\n" for i in range(1, 7)))
+    (root / "attributes").mkdir()
+    np.savetxt(root / "attributes" / "class_attribute_labels_continuous.txt", np.array([[80, 0, 10], [5, 60, 90]]))
+    for i, p in enumerate(images):
+        _jpeg(root / "images" / p, (200, 20 * i, 0))
+    return root
+
+
+def test_awa2_and_cub_layouts_are_read_as_published(tmp_path):
+    awa = attributes.read_awa2(fake_awa2(tmp_path / "Animals_with_Attributes2"))
+    assert awa.class_names == ["antelope", "grizzly bear", "killer whale"]
+    assert awa.attribute_prompts[2] == "a photo of an animal with the attribute: flippers."
+    assert awa.class_attributes.shape == (3, 4) and len(awa.images) == 6 and awa.targets.tolist() == [0, 0, 1, 1, 2, 2]
+    assert awa.unseen == [1, 2]
+    (tmp_path / "CUB" / "CUB_200_2011").mkdir(parents=True)
+    cub = attributes.read_cub(fake_cub(tmp_path / "CUB" / "CUB_200_2011"))
+    assert cub.class_names == ["Black footed Albatross", "Laysan Albatross"]
+    assert cub.attribute_prompts[0] == "a photo of a bird whose bill shape is curved (up or down)."
+    # Only the official test images (is_training_image = 0): images 3..6.
+    assert [p.name for p in cub.images] == ["img_2.jpg", "img_3.jpg", "img_4.jpg", "img_5.jpg"]
+    assert cub.targets.tolist() == [0, 1, 0, 1] and cub.unseen is None
+
+
+def test_attribute_class_embeddings_formula_and_perfect_case():
+    attr = torch.eye(4)  # orthonormal attribute prompt embeddings
+    strengths = torch.tensor([[1.0, 0, 0, 1], [0, 2, 0, 0], [0, 0, 3, -5]])
+    w = attributes.attribute_class_embeddings(attr, strengths)
+    mean = strengths.clamp(min=0) / strengths.clamp(min=0).sum(1, keepdim=True)
+    expected = F.normalize(mean - mean.mean(0), dim=1)
+    assert torch.allclose(w, expected, atol=1e-6)
+    assert classification_metrics(w @ w.T, torch.arange(3))["top1"] == 1.0
+
+
+def test_attribute_zero_shot_end_to_end_on_fake_folders(tmp_path, encoder):
+    awa = attributes.read_awa2(fake_awa2(tmp_path / "awa"))
+    m = attributes.attribute_zero_shot(encoder, awa)
+    for kind in ("classname", "attribute"):
+        for scope in ("", "unseen/"):
+            for metric in ("top1", "top5", "mean_per_class"):
+                assert 0.0 <= m[f"attributes/awa2/{scope}{kind}/{metric}"] <= 1.0
+    assert m["attributes/awa2/classname/top5"] == 1.0  # 3 classes: top-5 covers all
+    assert m["attributes/awa2/num_images"] == 6

@@ -1,0 +1,81 @@
+"""`kclip eval` on tiny trained runs: embeddings gathered once per sample, every documented key written, the
+checkpoint read back exactly (same retrieval numbers as the training loop's own evaluation), and 2-rank evaluation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from evalruns import single_thread, tiny_runs
+from multiproc import run_ranks
+
+from kclip.eval.model_io import load_model
+from kclip.eval.run import eval_loader, evaluate, main
+from kclip.evaluate import embed_split
+from kclip.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    with single_thread():
+        yield tiny_runs(tmp_path_factory)
+
+
+def test_embed_split_sees_every_sample_once_with_keys_labels_and_captions(runs):
+    loaded = load_model(runs["kc"])
+    # 24 samples in batches of 16: the ragged last batch must not be dropped.
+    emb = embed_split(loaded.model, eval_loader(str(runs["data"]), loaded, 16, ("color", "shape"), 0), loaded.device)
+    assert emb["index"].tolist() == list(range(24))
+    captions = emb["caption"]
+    assert all(c == f"a {col} {shape}" for c, col, shape in zip(captions, emb["labels"]["color"], emb["labels"]["shape"]))
+    same_text = [[a == b for b in captions] for a in captions]
+    same_key = (emb["text_key"][:, None] == emb["text_key"][None, :]).tolist()
+    assert same_key == same_text and len(set(emb["image_key"].tolist())) == 24
+
+
+def test_eval_cli_writes_documented_keys_and_matches_training_eval(runs, tmp_path):
+    out = tmp_path / "metrics.json"
+    rc = main(["--checkpoint", str(runs["kc"]), "--data", str(runs["data"]), "--label-cols", "color,shape",
+               "--out", str(out), "--batch-size", "8", "--em-steps", "20", "--knn-k", "3"])
+    assert rc == 0
+    m = json.loads(out.read_text())
+    assert m["num_samples"] == 24 and m["num_images"] == 24
+    fractions = [f"retrieval/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    fractions += [f"zeroshot/{c}/{x}" for c in ("color", "shape") for x in ("top1", "top5", "mean_per_class")]
+    fractions += [f"probe/linear/{c}/{x}" for c in ("color", "shape") for x in ("top1", "top5", "mean_per_class")]
+    fractions += ["probe/teacher_knn_overlap", "probe/caption_em", "probe/caption_em_train"]
+    assert all(0.0 <= m[k] <= 1.0 for k in fractions), {k: m.get(k) for k in fractions}
+    assert m["probe/teacher_knn_chance"] == pytest.approx(3 / 11)  # 12 distinct captions, k = 3
+    assert all(isinstance(m[k], str) for k in m if k.startswith("protocol/"))
+    # Same weights, same samples: the checkpoint read back gives the training loop's final evaluation.
+    final = [r for r in read_metrics(runs["kc"]) if "eval/retrieval/i2t_R@1" in r][-1]
+    for key in ("retrieval/i2t_R@1", "retrieval/t2i_R@1", "retrieval/t2i_R@5", "retrieval/i2t_median_rank"):
+        assert m[key] == pytest.approx(final[f"eval/{key}"], abs=1e-6)
+
+
+def test_eval_cli_plain_run_probe_train_and_errors(runs, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    rc = main(["--checkpoint", str(runs["plain"]), "--data", str(runs["data"]), "--label-cols", "color",
+               "--probe-train", str(runs["data"]), "--skip", "caption_em,retrieval", "--out", str(out)])
+    m = json.loads(out.read_text())
+    assert rc == 0 and "retrieval/i2t_R@1" not in m and "probe/caption_em" not in m
+    assert m["protocol/teacher_knn"].startswith("skipped") and "probe/linear/color/top1" in m
+    capsys.readouterr()
+    assert main(["--checkpoint", str(tmp_path / "nothing"), "--data", str(runs["data"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kclip eval: error:")
+
+
+def _rank_eval(run: str, data: str):
+    loaded = load_model(run)
+    return evaluate(loaded, data=data, label_columns=("color",), batch_size=8, skip=("caption_em", "linear"))
+
+
+@pytest.mark.slow
+def test_two_rank_eval_equals_single_process(runs):
+    single = evaluate(load_model(runs["kc"]), data=str(runs["data"]), label_columns=("color",), batch_size=8,
+                      skip=("caption_em", "linear"))
+    ranked = run_ranks(_rank_eval, str(runs["kc"]), str(runs["data"]), world_size=2)
+    assert ranked[1] is None
+    for key, value in single.items():
+        if not key.startswith("protocol/"):
+            assert ranked[0][key] == pytest.approx(value, abs=1e-5), key

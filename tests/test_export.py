@@ -1,0 +1,112 @@
+"""`kclip export` / `kclip.load` / `kclip embed`: exported students reload with identical embeddings and
+preprocessing; an HF CLIP student's export loads with CLIPModel.from_pretrained."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from evalruns import single_thread, tiny_runs
+from PIL import Image
+
+import kclip
+from kclip.config import load_config
+from kclip.data.transforms import image_transform
+from kclip.eval import embed
+from kclip.eval.model_io import (
+    LoadedModel,
+    TextTokenizer,
+    build_encoder,
+    encode_texts,
+    load_model,
+    preprocess_spec,
+    student_tokenizer,
+)
+from kclip.export import export_model
+from kclip.export import main as export_main
+
+TEXTS = ["a red circle", "a blue square", "something else entirely"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    with single_thread():
+        yield tiny_runs(tmp_path_factory)
+
+
+def rgba_image() -> Image.Image:
+    img = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
+    img.paste((200, 30, 30, 255), (5, 5, 25, 25))
+    return img
+
+
+def test_export_reloads_with_identical_embeddings_and_preprocessing(runs, tmp_path):
+    out = tmp_path / "export"
+    assert export_main([str(runs["kc"]), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "kclip_model.yaml", "model.safetensors", "preprocess.json", "tokenizer"]
+    source = load_model(runs["kc"])
+    model, tokenizer, preprocess = kclip.load(out)
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(**tokenizer(TEXTS)), source.model.encode_text(**source.tokenizer(TEXTS)))
+        pixels = preprocess(rgba_image())[None]
+        assert torch.equal(model.encode_image(pixels), source.model.encode_image(pixels))
+    # The exported preprocessing is the training pipeline's evaluation transform (transparency onto white).
+    white = Image.alpha_composite(Image.new("RGBA", (40, 30), (255,) * 4), rgba_image()).convert("RGB")
+    assert torch.equal(pixels[0], image_transform(source.cfg.student.image_size, train=False)(white))
+    assert export_main([str(runs["kc"]), str(out)]) == 2  # refuses to overwrite
+
+
+def test_hf_clip_student_export_loads_with_from_pretrained(tmp_path):
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    hf_config = CLIPConfig(
+        text_config={"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 48, "eos_token_id": 1, "pad_token_id": 0},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16)
+    CLIPModel(hf_config).save_pretrained(tmp_path / "clip")
+    cfg = load_config("smoke", [f"student.hf_clip={tmp_path / 'clip'}"])
+    tok = student_tokenizer(cfg)
+    encoder = build_encoder(cfg, tok).eval()
+    with torch.no_grad():
+        encoder.student.logit_scale.fill_(10.0)  # above the training clamp: the export must store the clamp
+    loaded = LoadedModel(encoder, TextTokenizer(tok, cfg.student.text_max_len), cfg, source="test",
+                         preprocess=preprocess_spec(32))
+    out = export_model(loaded, tmp_path / "export")
+
+    hf = CLIPModel.from_pretrained(out / "hf").eval()
+    assert hf.logit_scale.dim() == 0 and hf.logit_scale.item() == pytest.approx(math.log(100.0))
+    enc = AutoTokenizer.from_pretrained(out / "hf")(TEXTS, padding=True, return_tensors="pt")
+    model, tokenizer, preprocess = kclip.load(out)
+    pixels = preprocess(rgba_image())[None]
+    with torch.no_grad():
+        assert torch.allclose(F.normalize(hf.get_text_features(**enc), dim=-1),
+                              model.encode_text(**tokenizer(TEXTS)), atol=1e-6)
+        assert torch.allclose(F.normalize(hf.get_image_features(pixel_values=pixels), dim=-1),
+                              model.encode_image(pixels), atol=1e-6)
+        assert torch.allclose(model.encode_text(**tokenizer(TEXTS)), encoder.encode_text(**tokenizer(TEXTS)))
+
+
+def test_embed_cli_texts_and_images(runs, tmp_path, capsys):
+    out = tmp_path / "export"
+    export_main([str(runs["plain"]), str(out)])
+    (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n")
+    assert embed.main(["--model", str(out), "--texts", str(tmp_path / "texts.txt"), "--out", str(tmp_path / "t.npy")]) == 0
+    loaded = load_model(out)
+    text = np.load(tmp_path / "t.npy")
+    assert text.dtype == np.float32 and np.allclose(text, encode_texts(loaded.model, loaded.tokenizer, TEXTS).numpy())
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    rgba_image().save(images / "sub" / "b.png")
+    Image.new("RGB", (16, 16), "blue").save(images / "a.jpg")
+    assert embed.main(["--model", str(out), "--images", str(images), "--out", str(tmp_path / "i.npy")]) == 0
+    assert np.load(tmp_path / "i.npy").shape == (2, text.shape[1])
+    assert (tmp_path / "i.paths.txt").read_text().splitlines() == ["a.jpg", "sub/b.png"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == 2
+    assert embed.main(["--model", str(out), "--images", str(tmp_path / "none"), "--out", str(tmp_path / "x.npy")]) == 2
