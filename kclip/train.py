@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from tqdm import tqdm
 
 from kclip import checkpoint, dist
 from kclip.buffer import EmbeddingBuffer
@@ -261,6 +263,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     logit_scale = float("nan")
     terms_sum: dict[str, torch.Tensor] = {}
     last_eval: dict = {}
+    # Rank 0's progress bar: steps, ETA and the latest logged loss and throughput (sparser when logging to a file).
+    progress = tqdm(total=cfg.train.steps, initial=start_step, unit="step", disable=not dist.is_main(),
+                    mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
     for step in range(start_step, cfg.train.steps):
         lr = lr_at(step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.steps,
                    min_lr_ratio=cfg.optim.min_lr_ratio)
@@ -331,11 +336,11 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
             if fit_stats is not None:
                 values.update({f"concepts/{k}": v for k, v in fit_stats.items()})
             logger.log(step + 1, values)
-            if dist.is_main():
-                log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step + 1, cfg.train.steps,
-                         values.get("loss/total", float("nan")), lr, values["samples_per_s"])
+            progress.set_postfix(loss=f"{values.get('loss/total', float('nan')):.4f}", lr=f"{lr:.2e}",
+                                 samples_s=f"{values['samples_per_s']:.1f}", refresh=False)
             terms_sum, window_start, window_samples, window_micro = {}, time.perf_counter(), 0, 0
 
+        progress.update(1)
         if val_loader is not None and cfg.eval.every and (step + 1) % cfg.eval.every == 0:
             last_eval = evaluate_split(engine.module, val_loader, device)
             logger.log(step + 1, {f"eval/{k}": v for k, v in last_eval.items()})
@@ -346,6 +351,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
                 preempted_marker.write_text(f"step={step + 1}\n")
                 log.warning("stop signal received: checkpointed step %d; resume with --resume latest", step + 1)
             logger.close()
+            progress.close()
             return {"counters": counters, "eval": last_eval, "preempted_at": step + 1}
         if (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.train.steps:
             save(step + 1)
@@ -356,5 +362,6 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
         last_eval = evaluate_split(engine.module, val_loader, device)
         logger.log(cfg.train.steps, {f"eval/{k}": v for k, v in last_eval.items()})
     logger.close()
+    progress.close()
     dist.barrier()
     return {"counters": counters, "eval": last_eval}

@@ -188,3 +188,26 @@ def test_teacher_folder_without_weights_fails_before_any_process_group(shapes, t
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"kclip: error: teacher.path: {folder} holds no weights" in proc.stderr
+
+
+def test_gradient_accumulation_equals_the_full_batch(shapes, tmp_path):
+    """Distillation is a per-sample mean, so 2 micro-batches of 8 must give the update of one batch of 16: this
+    catches a missing or doubled 1/accumulation scaling. Activation checkpointing must not change the numbers."""
+    common = ("train.steps=4", "log.every=1", "loss.contrastive_weight=0", "loss.concept_weight=0",
+              "data.shuffle=false")
+    full, accumulated = tmp_path / "full", tmp_path / "accum"
+    run_ok(train_cmd(full, shapes, *common))
+    run_ok(train_cmd(accumulated, shapes, *common, "train.micro_batch_size=8", "student.grad_checkpointing=true"))
+    a, b = losses(full), losses(accumulated)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
+
+
+@pytest.mark.slow
+def test_torchrun_launch(shapes, tmp_path):
+    run = tmp_path / "torchrun"
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", _port(), "-m", "kclip.cli", "train", "--config",
+           "smoke", "--output", str(run), f"data.train={shapes}", "train.steps=6", "dist.timeout_s=60"]
+    run_ok(cmd)
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
