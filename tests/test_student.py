@@ -85,3 +85,12 @@ def test_hf_clip_checkpoint_as_student(tmp_path):
         expected = torch.nn.functional.normalize(hf.eval().get_image_features(pixel_values=pixels), dim=-1)
     torch.testing.assert_close(out["image_emb"], expected)
     assert out["text_emb"].shape == (2, 16)
+
+
+def test_bf16_model_accepts_float32_pixels_from_the_loader():
+    """A bf16 DeepSpeed engine holds bf16 weights while the loader yields float32 pixels (the GPU path, run here on
+    the CPU)."""
+    tok = load_tokenizer("byte")
+    model = KnowledgeCLIP(tiny_config(), tok, teacher_dim=8).to(torch.bfloat16)
+    out = model(*batch(tok))
+    assert out["image_emb"].dtype == torch.bfloat16 and torch.isfinite(out["image_emb"].float()).all()

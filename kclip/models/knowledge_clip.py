@@ -33,7 +33,9 @@ class KnowledgeCLIP(nn.Module):
             self.student.set_grad_checkpointing(True)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image embeddings."""
+        """L2-normalised image embeddings. Pixels arrive in float32 from the loader; a bf16 engine holds bf16
+        weights, so they are cast to the weights' dtype here rather than at every call site."""
+        pixels = pixels.to(self.student.logit_scale.dtype)
         return F.normalize(self.student.encode_image(pixels), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
