@@ -1,0 +1,312 @@
+"""The frozen Llama teacher: caption token ids -> one pooled embedding per caption.
+
+Sharded (ZeRO-3 inference), every rank keeps 1/world of each weight and all-gathers one layer at a time during the
+forward pass, so a 7B-70B decoder fits next to the student. The weights are loaded already partitioned (a
+`HfDeepSpeedConfig` kept alive only while `from_pretrained` runs makes it build the model under `deepspeed.zero.Init`),
+so no rank ever materialises the whole model. Because every submodule all-gathers, a sharded `Teacher.embed` is a
+collective: every rank must run the same number of forward passes, which `embed` guarantees by itself.
+
+Unsharded (one process, no offload), it is a plain frozen module on the local device.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from kclip import dist
+from kclip.config import TeacherConfig
+from kclip.ds_config import load_template
+from kclip.tokenizers import load_tokenizer, split_gguf
+
+DS_TEMPLATES = {"none": "teacher_zero3", "cpu": "teacher_zero3_offload_cpu", "nvme": "teacher_zero3_offload_nvme"}
+POOLINGS = ("mean", "last")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+RANDOM_TEACHER_TOKENIZER = "byte"
+# Keys of a model config that name where or with what it was saved, not what it computes.
+CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` = bf16 on GPU (halves memory and all-gather traffic), fp32 on CPU (CPU bf16 matmuls are slow and
+    DeepSpeed's CPU path is only verified in fp32)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"teacher.dtype must be auto|{'|'.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def teacher_ds_config(cfg: TeacherConfig, model_config, dtype: torch.dtype) -> dict:
+    """The ZeRO-3 inference config: the template for `cfg.offload`, plus what the model and run determine.
+
+    With h = hidden size: stage3_prefetch_bucket_size = int(0.9 h^2), stage3_param_persistence_threshold = 10 h,
+    reduce_bucket_size = h^2 (the values Hugging Face derives for ZeRO-3), all integers because DeepSpeed rejects
+    fractions. For NVMe offload, every swap buffer must hold the largest parameter (the embedding or an MLP matrix).
+    """
+    ds = load_template(DS_TEMPLATES[cfg.offload])
+    h = model_config.hidden_size
+    zero = ds.setdefault("zero_optimization", {})
+    zero.update(
+        stage3_prefetch_bucket_size=int(0.9 * h * h),
+        stage3_param_persistence_threshold=10 * h,
+        reduce_bucket_size=h * h,
+    )
+    if cfg.offload == "nvme":
+        largest = max(model_config.vocab_size, model_config.intermediate_size) * h
+        offload = zero.setdefault("offload_param", {})
+        offload.update(nvme_path=str(cfg.nvme_path), buffer_size=max(int(offload.get("buffer_size", 0)), largest))
+    # DeepSpeed requires a batch size even without an optimizer; one micro-batch is one chunk of captions.
+    ds["train_micro_batch_size_per_gpu"] = cfg.chunk_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+    ds["fp16"] = {"enabled": dtype == torch.float16}
+    return ds
+
+
+def _check_config(cfg: TeacherConfig) -> None:
+    if (cfg.path is None) == (cfg.random_config is None):
+        raise ValueError("teacher: set exactly one of teacher.path and teacher.random_config")
+    if cfg.pooling not in POOLINGS:
+        raise ValueError(f"teacher.pooling must be {'|'.join(POOLINGS)}, got {cfg.pooling!r}")
+    if cfg.offload not in DS_TEMPLATES:
+        raise ValueError(f"teacher.offload must be {'|'.join(DS_TEMPLATES)}, got {cfg.offload!r}")
+    if cfg.offload == "nvme" and not cfg.nvme_path:
+        raise ValueError("teacher.nvme_path is required when teacher.offload is nvme")
+    if cfg.chunk_size < 1 or cfg.max_len < 1:
+        raise ValueError(f"teacher.chunk_size and teacher.max_len must be >= 1, got {cfg.chunk_size}, {cfg.max_len}")
+    if cfg.path is None:
+        return
+    if not os.path.exists(cfg.path):
+        raise FileNotFoundError(f"teacher.path does not exist: {cfg.path}")
+    if cfg.path.endswith(".gguf"):
+        try:
+            import gguf  # noqa: F401 - transformers needs it to read GGUF files
+        except ImportError:
+            raise ImportError(f"teacher.path is a GGUF file ({cfg.path}); reading it needs the `gguf` package "
+                              "(pip install gguf)") from None
+    elif not _weight_files(cfg.path):
+        raise FileNotFoundError(f"teacher.path {cfg.path} holds no model weights (*.safetensors, *.bin)")
+
+
+def _weight_files(path: str) -> list[Path]:
+    """The files whose bytes are the teacher's weights: the .gguf file, or the checkpoint files of a folder."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    return sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def _model_config(cfg: TeacherConfig):
+    from transformers import AutoConfig, LlamaConfig
+
+    if cfg.random_config is not None:
+        return LlamaConfig(**cfg.random_config)
+    folder, gguf_file = split_gguf(cfg.path)
+    return AutoConfig.from_pretrained(folder, gguf_file=gguf_file) if gguf_file else AutoConfig.from_pretrained(folder)
+
+
+def _load_module(cfg: TeacherConfig, model_config, dtype: torch.dtype, ds_config: dict | None) -> torch.nn.Module:
+    """The base decoder (no LM head). With `ds_config`, pretrained weights are loaded straight into ZeRO-3 partitions.
+
+    A random teacher is small by definition: it is built whole from `cfg.seed` (identically on every rank) and
+    partitioned later by `deepspeed.initialize`.
+    """
+    from transformers import AutoModel
+
+    if cfg.random_config is not None:
+        torch.manual_seed(cfg.seed)
+        return AutoModel.from_config(model_config).to(dtype)
+    folder, gguf_file = split_gguf(cfg.path)
+    # Passing the config already read saves re-parsing it (reading a GGUF's metadata takes seconds).
+    kwargs = {"config": model_config, "dtype": dtype} | ({"gguf_file": gguf_file} if gguf_file else {})
+    if ds_config is None:
+        return AutoModel.from_pretrained(folder, **kwargs)
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # Process-global switch: while this object lives, every HF model built is partitioned. It must not outlive the
+    # teacher's own loading, or the student created afterwards would be partitioned too.
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    try:
+        return AutoModel.from_pretrained(folder, **kwargs)
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_ds_config
+
+
+def _sample_digest(path: Path, span: int = 1 << 20) -> str:
+    """Hash of a file's first and last `span` bytes: tells apart checkpoints with equal names and sizes (a base and a
+    chat model) without reading gigabytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(span))
+        f.seek(max(0, path.stat().st_size - span))
+        h.update(f.read(span))
+    return h.hexdigest()
+
+
+def _fingerprint(cfg: TeacherConfig, model_config, tokenizer, dtype: torch.dtype) -> str:
+    """16 hex digits of a hash over everything that determines the embeddings; equal fingerprints, equal embeddings."""
+    arch = {k: v for k, v in model_config.to_dict().items() if k not in CONFIG_KEYS_IGNORED}
+    if cfg.random_config is not None:
+        weights = {"random_seed": cfg.seed}
+    else:
+        weights = {"files": [(f.name, f.stat().st_size, _sample_digest(f)) for f in _weight_files(cfg.path)]}
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    identity = {
+        "config": arch, "weights": weights, "layer": cfg.layer, "normalize": cfg.normalize,
+        "pooling": cfg.pooling + ("_skip_bos" if cfg.pooling == "mean" and tokenizer.bos_token_id is not None else ""),
+        "max_len": cfg.max_len, "dtype": str(dtype), "tokenizer": [type(tokenizer).__name__, vocab],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pack_right(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move every row's tokens (mask 1) to the front, keeping their order: left- or right-padded input becomes
+    right-padded, which the chunk trimming and last-token pooling rely on."""
+    order = torch.argsort((attention_mask == 0).to(torch.int8), dim=1, stable=True)
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str, start: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden [B, L, h] of right-padded rows with `lengths` [B] tokens each -> [B, h] float32.
+
+    mean: sum_{start <= t < len} hidden[t] / (len - start)  (start = 0 unless given per row);  last: hidden[len - 1].
+    """
+    hidden = hidden.float()
+    if pooling == "last":
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+    start = torch.zeros_like(lengths) if start is None else start
+    t = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
+    keep = (t >= start[:, None]) & (t < lengths[:, None])
+    return (hidden * keep[..., None]).sum(1) / (lengths - start)[:, None].to(hidden.dtype)
+
+
+class Teacher:
+    """A frozen decoder that turns token ids into pooled caption embeddings.
+
+    Counters (per process, real captions only): `tokens_processed` = tokens the forward passes ran on,
+    `tokens_padded` = what padding every chunk to its batch's longest caption would have cost; `forwards` counts every
+    forward pass, including the 1-token dummies that keep ranks in step.
+    """
+
+    def __init__(self, module, tokenizer, cfg: TeacherConfig, *, hidden_size: int, num_layers: int,
+                 fingerprint: str, sharded: bool):
+        self.module = module
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.hidden_size = hidden_size
+        self.fingerprint = fingerprint
+        self.sharded = sharded
+        self.device = dist.device()
+        # hidden_states has num_layers + 1 entries: the embeddings, then each layer's output (the last one normed).
+        self.layer = cfg.layer % (num_layers + 1)
+        self.is_last_layer = self.layer == num_layers
+        self.tokens_processed = 0
+        self.tokens_padded = 0
+        self.forwards = 0
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> (input_ids, attention_mask) [B, <= max_len], as `embed` takes them."""
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_len,
+                             return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.forwards += 1
+        out = self.module(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                          output_hidden_states=not self.is_last_layer, use_cache=False)
+        # The last entry of hidden_states is last_hidden_state; asking for all of them only when needed saves memory.
+        return out.last_hidden_state if self.is_last_layer else out.hidden_states[self.layer]
+
+    def _mean_start(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Per row, 1 where mean pooling skips a leading BOS token, else 0.
+
+        Under causal attention the BOS position sees only itself, so its hidden state is the same for every caption:
+        it carries no information. Llama-family models also give it a huge norm (an attention sink: ~25000 vs ~170 for
+        other tokens in SmolLM2's middle layers), which would make every caption's mean nearly the same vector.
+        """
+        bos = self.tokenizer.bos_token_id if self.cfg.pooling == "mean" else None
+        if bos is None:
+            return torch.zeros_like(lengths)
+        return ((ids[:, 0] == bos) & (lengths > 1)).long() if ids.shape[1] else torch.zeros_like(lengths)
+
+    @torch.no_grad()  # not inference_mode: ZeRO-3's linear wrapper breaks under it
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask [B, L] (any padding side; B may be 0) -> float32 [B, hidden] on `self.device`.
+
+        Pooling of hidden_states[layer]: mean over each caption's tokens (a leading BOS excluded, see `_mean_start`)
+        or its last token; then optional L2 normalisation. Captions run in chunks of `chunk_size`; with
+        `bucket_by_length` the chunks are formed after sorting by length and each is trimmed to its own longest
+        caption. Captions longer than `max_len` are truncated. Sharded, this is a collective: ranks agree on the
+        largest chunk count and the ones with fewer chunks run 1-token dummy forwards.
+        """
+        if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+            raise ValueError(f"embed: input_ids {tuple(input_ids.shape)} and attention_mask "
+                             f"{tuple(attention_mask.shape)} must be the same [B, L] shape")
+        ids, mask = pack_right(input_ids.cpu(), attention_mask.cpu())
+        lengths = mask.sum(1).clamp(max=self.cfg.max_len)
+        if (lengths == 0).any():
+            raise ValueError("embed: a caption has no tokens (attention_mask all zero)")
+        n = ids.shape[0]
+        start = self._mean_start(ids, lengths)
+        order = torch.argsort(lengths, descending=True, stable=True) if self.cfg.bucket_by_length else torch.arange(n)
+        chunks = [order[i : i + self.cfg.chunk_size] for i in range(0, n, self.cfg.chunk_size)]
+        # Agree on the number of forwards before the first one: a collective between forwards would pair up with
+        # another rank's parameter all-gathers.
+        missing = (dist.all_reduce_max(len(chunks)) if self.sharded else len(chunks)) - len(chunks)
+        out = torch.empty(n, self.hidden_size, dtype=torch.float32, device=self.device)
+        for rows in chunks:
+            width = int(lengths[rows].max())
+            hidden = self._forward(ids[rows, :width], mask[rows, :width])
+            emb = pool(hidden, lengths[rows].to(self.device), self.cfg.pooling, start[rows].to(self.device))
+            out[rows.to(self.device)] = emb
+            self.tokens_processed += len(rows) * width
+        if n:
+            self.tokens_padded += n * int(lengths.max())
+        dummy = torch.ones(1, 1, dtype=torch.long)
+        for _ in range(missing):
+            self._forward(dummy, dummy)
+        if self.cfg.normalize:
+            out = torch.nn.functional.normalize(out, dim=-1)
+        return out
+
+
+def build_teacher(cfg: TeacherConfig, *, shard: bool | None = None) -> Teacher:
+    """Load the frozen teacher. `shard=None`: ZeRO-3 when world_size > 1 or parameters are offloaded, else a plain
+    module. Sharded, every rank must call this (it is collective) and the process group is started if needed."""
+    _check_config(cfg)
+    if shard is None:
+        shard = dist.world_size() > 1 or cfg.offload != "none"
+    if cfg.offload != "none" and not shard:
+        raise ValueError(f"teacher.offload={cfg.offload} needs the ZeRO-3 teacher (shard=True)")
+    dtype = resolve_dtype(cfg.dtype)
+    model_config = _model_config(cfg)
+    tokenizer = load_tokenizer(cfg.path if cfg.path is not None else RANDOM_TEACHER_TOKENIZER)
+    if len(tokenizer) > model_config.vocab_size:
+        raise ValueError(f"teacher: tokenizer has {len(tokenizer)} tokens but the model only {model_config.vocab_size}")
+    num_layers = model_config.num_hidden_layers
+    if not -(num_layers + 1) <= cfg.layer <= num_layers:
+        raise ValueError(f"teacher.layer must be in [{-(num_layers + 1)}, {num_layers}], got {cfg.layer}")
+    ds_config = None
+    if shard:
+        dist.init()
+        ds_config = teacher_ds_config(cfg, model_config, dtype)
+    module = _load_module(cfg, model_config, dtype, ds_config)
+    module.requires_grad_(False)
+    if shard:
+        import deepspeed
+
+        module, *_ = deepspeed.initialize(model=module, config=ds_config)
+    else:
+        module.to(dist.device())
+    module.eval()
+    return Teacher(
+        module, tokenizer, cfg, hidden_size=model_config.hidden_size, num_layers=num_layers,
+        fingerprint=_fingerprint(cfg, model_config, tokenizer, dtype), sharded=shard,
+    )

@@ -1,0 +1,314 @@
+"""The frozen teacher: ZeRO-3 on 2 CPU ranks gives the single-process embeddings, holds only its shard, never hangs on
+uneven batches, does not leak partitioning into later models; bucketing; config derivation; the real small teacher."""
+import dataclasses
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from multiproc import run_ranks
+from transformers import LlamaConfig, LlamaModel
+
+from kclip import fetch
+from kclip.config import StudentConfig, TeacherConfig
+from kclip.models.teacher import Teacher, build_teacher, pack_right, pool, teacher_ds_config
+from kclip.tokenizers import load_tokenizer
+
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=384, max_position_embeddings=128)
+CAPTIONS = ["a dog", "a small brown puppy running on wet grass", "x", "an automobile parked on a road",
+            "two cats", "a red car at night in the rain with lights"]
+# Uneven on purpose: with chunk_size 2, rank 0 runs 3 chunks and rank 1 one (then 2 dummies); in the second call
+# rank 1 has no caption at all.
+RANK_ROWS = [[0, 1, 2, 3, 4], [5]]
+RANK_ROWS_SECOND = [[1, 3, 5], []]
+VARIANTS = {"mean_last_layer": dict(pooling="mean", layer=-1), "last_token": dict(pooling="last", layer=-1),
+            "mean_middle_layer": dict(pooling="mean", layer=1)}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> str:
+    """A tiny random Llama saved like a real checkpoint, with the byte tokenizer (its 259 ids fit the 384 vocab)."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(**TINY_LLAMA)).save_pretrained(folder)
+    load_tokenizer("byte").save_pretrained(folder)
+    return str(folder)
+
+
+def assert_close(actual, expected):
+    torch.testing.assert_close(torch.as_tensor(actual), expected, atol=1e-5, rtol=0)
+
+
+def teacher_cfg(folder, **kw) -> TeacherConfig:
+    return TeacherConfig(path=folder, **{"chunk_size": 2, **kw})
+
+
+def tokens(teacher, rows):
+    ids, mask = teacher.tokenize([CAPTIONS[i] for i in rows] or [""])
+    return ids[: len(rows)], mask[: len(rows)]
+
+
+def _sharded_run(folder):
+    """Everything that needs the 2-rank ZeRO-3 teacher, in one spawn (starting ranks dominates the test time).
+    Arrays go back as numpy: a tensor crosses the result queue as a shared-memory handle that dies with its rank."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from kclip import dist
+    from kclip.models.student import build_student
+
+    r = dist.rank()
+    out = {"embeddings": {}, "forwards": {}}
+    for name, kw in VARIANTS.items():
+        t = build_teacher(teacher_cfg(folder, **kw))
+        out["embeddings"][name] = t.embed(*tokens(t, RANK_ROWS[r])).numpy()
+        out["forwards"][name] = t.forwards
+        out["fingerprint_" + name] = t.fingerprint
+        if name == "mean_last_layer":
+            out["sharded"] = t.sharded
+            out["second_call"] = t.embed(*tokens(t, RANK_ROWS_SECOND[r])).numpy()
+            params = list(t.module.module.parameters())
+            out["all_teacher_params_have_ds_id"] = all(hasattr(p, "ds_id") for p in params)
+            out["ds_numel"] = sum(p.ds_numel for p in params)
+            out["local_numel"] = sum(p.ds_tensor.numel() for p in params)
+            out["expected_local_numel"] = sum(math.ceil(p.ds_numel / dist.world_size()) for p in params)
+            # Only the tiny persistent parameters (norm weights, <= stage3_param_persistence_threshold) stay gathered.
+            out["gathered_non_persistent"] = sum(p.data.numel() for p in params if not p.ds_persist)
+            out["persistent_numel"] = sum(p.ds_numel for p in params if p.ds_persist)
+    unbucketed = build_teacher(teacher_cfg(folder, bucket_by_length=False))
+    out["unbucketed"] = unbucketed.embed(*tokens(unbucketed, RANK_ROWS[r])).numpy()
+    offloaded = build_teacher(teacher_cfg(folder, offload="cpu"))
+    out["offload_cpu"] = offloaded.embed(*tokens(offloaded, RANK_ROWS[r])).numpy()
+
+    out["hf_zero3_flag_after_load"] = is_deepspeed_zero3_enabled()
+    later_hf = LlamaModel.from_pretrained(folder)  # would be built under zero.Init if the HF switch had leaked
+    student_cfg = StudentConfig(image_model="vit_tiny_patch16_224", image_size=32, text_width=32, text_layers=1,
+                                text_heads=2, embed_dim=16,
+                                image_model_kwargs={"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2})
+    student = build_student(student_cfg, load_tokenizer("byte"))
+    out["later_params_with_ds_id"] = sum(hasattr(p, "ds_id") for m in (later_hf, student) for p in m.parameters())
+    out["later_hf_numel"] = sum(p.numel() for p in later_hf.parameters())
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_folder):
+    """Single process, unsharded: every caption's embedding for every variant."""
+    out = {}
+    for name, kw in VARIANTS.items():
+        t = build_teacher(teacher_cfg(tiny_folder, **kw))
+        assert not t.sharded
+        out[name] = t.embed(*tokens(t, range(len(CAPTIONS))))
+        out["fingerprint_" + name] = t.fingerprint
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_folder):
+    return run_ranks(_sharded_run, tiny_folder, world_size=2)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_zero3_two_ranks_match_single_process(sharded, reference, variant):
+    for r, res in enumerate(sharded):
+        assert res["sharded"]
+        assert_close(res["embeddings"][variant], reference[variant][RANK_ROWS[r]])
+        assert res["fingerprint_" + variant] == reference["fingerprint_" + variant]
+    assert len({reference["fingerprint_" + v] for v in VARIANTS}) == len(VARIANTS)
+
+
+def test_each_rank_holds_only_its_shard(sharded, reference):
+    total = sum(p.numel() for p in LlamaModel(LlamaConfig(**TINY_LLAMA)).parameters())
+    for res in sharded:
+        assert res["all_teacher_params_have_ds_id"]
+        assert res["ds_numel"] == total
+        # DeepSpeed pads each parameter to a multiple of the world size and keeps ceil(numel / world) per rank.
+        assert res["local_numel"] == res["expected_local_numel"]
+        assert total / 2 <= res["local_numel"] < total / 2 + 200
+        assert res["gathered_non_persistent"] == 0
+        assert res["persistent_numel"] == 5 * TINY_LLAMA["hidden_size"]  # 2 norms per layer + the final norm
+
+
+def test_uneven_and_empty_batches_run_in_step(sharded, reference):
+    # Rank 0: 3 chunks; rank 1: 1 chunk + 2 dummies. Second call: rank 0 2 chunks, rank 1 0 chunks + 2 dummies.
+    assert [res["forwards"]["mean_last_layer"] for res in sharded] == [3, 3]
+    for r, res in enumerate(sharded):
+        expected = reference["mean_last_layer"][RANK_ROWS_SECOND[r]]
+        assert res["second_call"].shape == (len(RANK_ROWS_SECOND[r]), TINY_LLAMA["hidden_size"])
+        assert str(res["second_call"].dtype) == "float32"
+        assert_close(res["second_call"], expected)
+
+
+def test_models_created_after_the_teacher_are_not_partitioned(sharded):
+    for res in sharded:
+        assert res["hf_zero3_flag_after_load"] is False
+        assert res["later_params_with_ds_id"] == 0
+        assert res["later_hf_numel"] == sum(p.numel() for p in LlamaModel(LlamaConfig(**TINY_LLAMA)).parameters())
+
+
+def test_bucketing_and_cpu_offload_keep_embeddings(sharded, reference):
+    for r, res in enumerate(sharded):
+        assert_close(res["unbucketed"], torch.as_tensor(res["embeddings"]["mean_last_layer"]))
+        assert_close(res["offload_cpu"], reference["mean_last_layer"][RANK_ROWS[r]])
+
+
+def _nvme_run(folder, nvme_dir):
+    t = build_teacher(teacher_cfg(folder, offload="nvme", nvme_path=os.path.join(nvme_dir, str(os.getpid()))))
+    from kclip import dist
+
+    return t.embed(*tokens(t, RANK_ROWS[dist.rank()])).numpy()
+
+
+@pytest.mark.slow
+def test_nvme_offload_matches(tiny_folder, reference, tmp_path):
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        pytest.skip("DeepSpeed's async_io op cannot be built here (NVMe offload needs libaio-dev)")
+    for r, emb in enumerate(run_ranks(_nvme_run, tiny_folder, str(tmp_path), world_size=2, timeout=600)):
+        assert_close(emb, reference["mean_last_layer"][RANK_ROWS[r]])
+
+
+def test_bucketing_processes_fewer_tokens_single_process(tiny_folder):
+    bucketed, padded = (build_teacher(teacher_cfg(tiny_folder, bucket_by_length=b)) for b in (True, False))
+    ids, mask = tokens(bucketed, range(len(CAPTIONS)))
+    torch.testing.assert_close(bucketed.embed(ids, mask), padded.embed(ids, mask), atol=1e-5, rtol=0)
+    lengths = mask.sum(1)
+    assert bucketed.tokens_padded == padded.tokens_padded == len(CAPTIONS) * int(lengths.max())
+    assert bucketed.tokens_processed < padded.tokens_processed <= bucketed.tokens_padded
+    sorted_lengths = lengths.sort(descending=True).values
+    assert bucketed.tokens_processed == sum(2 * int(sorted_lengths[i]) for i in range(0, len(CAPTIONS), 2))
+
+
+def test_padding_side_and_max_len(tiny_folder):
+    t = build_teacher(teacher_cfg(tiny_folder))
+    ids, mask = tokens(t, range(len(CAPTIONS)))
+    width, lengths = ids.shape[1], mask.sum(1)
+    left_ids, left_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for i, n in enumerate(lengths.tolist()):
+        left_ids[i, width - n :], left_mask[i, width - n :] = ids[i, :n], 1
+    torch.testing.assert_close(pack_right(left_ids, left_mask)[0], ids)
+    torch.testing.assert_close(t.embed(left_ids, left_mask), t.embed(ids, mask), atol=1e-5, rtol=0)
+    short = build_teacher(teacher_cfg(tiny_folder, max_len=4))
+    torch.testing.assert_close(short.embed(ids, mask), t.embed(ids[:, :4], mask[:, :4]), atol=1e-5, rtol=0)
+
+
+def test_pool_formulas():
+    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    lengths = torch.tensor([1, 3])
+    torch.testing.assert_close(pool(hidden, lengths, "mean"), torch.stack([hidden[0, 0], hidden[1].mean(0)]))
+    torch.testing.assert_close(pool(hidden, lengths, "last"), torch.stack([hidden[0, 0], hidden[1, 2]]))
+    skipped = pool(hidden, lengths, "mean", start=torch.tensor([0, 1]))
+    torch.testing.assert_close(skipped, torch.stack([hidden[0, 0], hidden[1, 1:].mean(0)]))
+
+
+def test_random_teacher_is_seeded_and_fingerprinted():
+    cfg = TeacherConfig(random_config=TINY_LLAMA, seed=3)
+    a, b, c = build_teacher(cfg), build_teacher(cfg), build_teacher(TeacherConfig(random_config=TINY_LLAMA, seed=4))
+    ids, mask = a.tokenize(CAPTIONS)
+    torch.testing.assert_close(a.embed(ids, mask), b.embed(ids, mask))
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    assert not torch.allclose(a.embed(ids, mask), c.embed(ids, mask))
+    torch.testing.assert_close(a.embed(ids, mask).norm(dim=-1), torch.ones(len(CAPTIONS)))
+
+
+def test_fingerprint_tells_apart_same_sized_checkpoints_and_ignores_speed_settings(tiny_folder, tmp_path):
+    torch.manual_seed(1)
+    LlamaModel(LlamaConfig(**TINY_LLAMA)).save_pretrained(tmp_path)  # same file names and sizes, other weights
+    load_tokenizer("byte").save_pretrained(tmp_path)
+    base = build_teacher(teacher_cfg(tiny_folder)).fingerprint
+    assert build_teacher(teacher_cfg(str(tmp_path))).fingerprint != base
+    assert build_teacher(teacher_cfg(tiny_folder, chunk_size=5, bucket_by_length=False)).fingerprint == base
+    assert build_teacher(teacher_cfg(tiny_folder, max_len=8)).fingerprint != base
+
+
+def test_ds_config_derived_values():
+    model_config = LlamaConfig(**TINY_LLAMA)
+    ds = teacher_ds_config(TeacherConfig(chunk_size=8), model_config, torch.bfloat16)
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert (zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"],
+            zero["reduce_bucket_size"]) == (int(0.9 * 64 * 64), 640, 4096)
+    assert all(type(zero[k]) is int for k in ("stage3_prefetch_bucket_size", "reduce_bucket_size"))
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert not any("." in k for k in ds)  # dotted keys are silently ignored by DeepSpeed
+    nvme = teacher_ds_config(TeacherConfig(offload="nvme", nvme_path="/nvme"), model_config, torch.float32)
+    offload = nvme["zero_optimization"]["offload_param"]
+    assert offload["device"] == "nvme" and offload["nvme_path"] == "/nvme" and offload["buffer_size"] >= 384 * 64
+    cpu = teacher_ds_config(TeacherConfig(offload="cpu"), model_config, torch.float32)
+    assert cpu["zero_optimization"]["offload_param"]["device"] == "cpu" and not cpu["bf16"]["enabled"]
+
+
+def test_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_teacher(TeacherConfig(path=str(tmp_path / "missing")))
+    with pytest.raises(FileNotFoundError, match="holds no model weights"):
+        build_teacher(TeacherConfig(path=str(tmp_path)))
+    (tmp_path / "m.gguf").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` fail as if it were not installed
+    with pytest.raises(ImportError, match="needs the `gguf` package"):
+        build_teacher(TeacherConfig(path=str(tmp_path / "m.gguf")))
+    with pytest.raises(ValueError, match="exactly one"):
+        build_teacher(TeacherConfig())
+    with pytest.raises(ValueError, match="teacher.layer"):
+        build_teacher(TeacherConfig(random_config=TINY_LLAMA, layer=3))
+    with pytest.raises(ValueError, match="nvme_path"):
+        build_teacher(TeacherConfig(random_config=TINY_LLAMA, offload="nvme"))
+
+
+def test_fetch_skips_download_when_file_is_present(tmp_path, monkeypatch):
+    target = tmp_path / fetch.FILE_NAME
+    with open(target, "wb") as f:
+        f.truncate(fetch.FILE_SIZE)  # sparse: no disk used
+    monkeypatch.setattr(fetch.subprocess, "run", lambda *a, **k: pytest.fail("downloaded although present"))
+    assert fetch.fetch_smollm2(tmp_path) == target
+
+
+def real_teacher_path() -> str:
+    path = os.environ.get("KCLIP_TEACHER") or str(Path(__file__).parent.parent / "teachers" / fetch.FILE_NAME)
+    if not os.path.isfile(path):
+        pytest.skip(f"real small teacher not found at {path}: run `kclip fetch-teacher` or set KCLIP_TEACHER")
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_teacher():
+    return build_teacher(TeacherConfig(path=real_teacher_path(), pooling="mean"))
+
+
+@pytest.mark.slow
+@pytest.mark.teacher_file
+@pytest.mark.parametrize("layer", [-1, 15])
+def test_real_small_teacher_embeddings_carry_meaning(real_teacher, layer):
+    assert real_teacher.hidden_size == 576 and not real_teacher.sharded
+    # The same loaded weights, pooled at another layer (loading the GGUF again would take most of the test's time).
+    t = Teacher(real_teacher.module, real_teacher.tokenizer, dataclasses.replace(real_teacher.cfg, layer=layer),
+                hidden_size=576, num_layers=30, fingerprint="", sharded=False)
+    words = ["a dog", "a puppy", "an automobile", "a car", "a banana", "a yellow fruit"]
+    e = t.embed(*t.tokenize(words))
+    cos = dict(zip(((a, b) for a in words for b in words), (e @ e.T).flatten().tolist()))
+    assert cos["a dog", "a puppy"] > cos["a dog", "an automobile"]
+    assert cos["a car", "an automobile"] > cos["a car", "a puppy"]
+    assert cos["a banana", "a yellow fruit"] > cos["a banana", "a car"]
+    # Mid-layer means are not swamped by the BOS attention sink (with it, all pairs have cosine 1.000).
+    assert cos["a dog", "a banana"] < 0.99
+
+
+def _real_sharded_run(path):
+    t = build_teacher(TeacherConfig(path=path, chunk_size=2))
+    local = sum(p.ds_tensor.numel() for p in t.module.module.parameters())
+    total = sum(p.ds_numel for p in t.module.module.parameters())
+    return t.embed(*t.tokenize(CAPTIONS[:3])).numpy(), local / total
+
+
+@pytest.mark.slow
+@pytest.mark.teacher_file
+def test_real_small_teacher_sharded_matches_single_process():
+    path = real_teacher_path()
+    single = build_teacher(TeacherConfig(path=path, chunk_size=2))
+    expected = single.embed(*single.tokenize(CAPTIONS[:3]))
+    for emb, share in run_ranks(_real_sharded_run, path, world_size=2, timeout=600):
+        torch.testing.assert_close(torch.as_tensor(emb), expected, atol=1e-4, rtol=0)
+        assert 0.5 <= share < 0.501
