@@ -100,8 +100,9 @@ class Timer:
             torch.cuda.synchronize()
         self.ms[name] = self.ms.get(name, 0.0) + 1000 * (time.perf_counter() - start)
 
-    def pop(self) -> dict[str, float]:
-        out, self.ms = self.ms, {}
+    def pop(self, per: int) -> dict[str, float]:
+        """Milliseconds per unit (micro-batch) since the last pop."""
+        out, self.ms = {k: v / max(1, per) for k, v in self.ms.items()}, {}
         return out
 
 
@@ -148,6 +149,39 @@ def concept_fit_due(step: int, cfg: Config) -> bool:
     return c.recompute_every > 0 and done > c.warmup_steps and (done - c.warmup_steps) % c.recompute_every == 0
 
 
+def all_finite(total: torch.Tensor) -> bool:
+    """Collective: True on every rank only if the loss is finite on every rank."""
+    flag = torch.tensor([float(torch.isfinite(total.detach()).all())], device=total.device)
+    return dist.all_reduce_sum(flag).item() == dist.world_size()
+
+
+class LogWindow:
+    """Loss terms, samples and time since the last log line, summarised over all ranks."""
+
+    def __init__(self):
+        self.terms: dict[str, torch.Tensor] = {}
+        self.micro_batches = self.samples = 0
+        self.logit_scale = float("nan")
+        self.start = time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], total: torch.Tensor, *, logit_scale: torch.Tensor, samples: int):
+        for key, value in {**terms, "total": total}.items():
+            self.terms[key] = self.terms.get(key, 0.0) + value.detach()
+        self.micro_batches += 1
+        self.samples += samples
+        self.logit_scale = float(logit_scale.detach())
+
+    def summary(self) -> dict[str, float]:
+        """Collective (one all-reduce): mean loss terms over the window's micro-batches and all ranks, throughput;
+        then starts a new window."""
+        n = max(1, self.micro_batches)
+        out = global_mean({f"loss/{k}": v / n for k, v in self.terms.items()})
+        out.update(logit_scale=self.logit_scale,
+                   samples_per_s=self.samples / max(time.perf_counter() - self.start, 1e-9))
+        self.__init__()
+        return out
+
+
 def global_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
     """Average scalar terms over ranks in one all-reduce, so logged numbers describe the global batch."""
     if not values:
@@ -163,7 +197,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     """Run training as configured; returns the final metrics. Call on every rank (config already validated)."""
     run_dir = Path(run_dir)
     dist.init(cfg.dist.timeout_s)
-    rank, world = dist.rank(), dist.world_size()
+    world = dist.world_size()
     device = dist.device()
     if dist.is_main():
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -206,7 +240,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     bank = None
     if cfg.loss.concept_weight > 0:
         bank = ConceptBank(cfg.concepts.k, teacher.hidden_size, niter=cfg.concepts.niter, seed=cfg.concepts.seed)
-    buffer = EmbeddingBuffer(cfg.concepts.buffer_size)
+    buffer = EmbeddingBuffer(cfg.concepts.buffer_size) if bank is not None else None
     counters = {"skipped_nonfinite": 0, "replaced_samples": 0, "truncated_captions": 0, "samples": 0}
 
     start_step = 0
@@ -224,7 +258,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
             bank.load_state_dict(client["concepts"])
         if not elastic:
             checkpoint.set_rng_state(rank_state["rng"])
-            buffer.load_state_dict(rank_state["buffer"])
+            if buffer is not None:
+                buffer.load_state_dict(rank_state["buffer"])
         elif dist.is_main():
             log.warning("elastic resume: saved on %d ranks, running on %d with the same global batch; the sample order "
                         "continues exactly, per-rank RNG states and embedding buffers start afresh",
@@ -237,7 +272,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
             # Lets DeepSpeed convert this checkpoint to its universal format for a resume on another world size.
             UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
         }
-        rank_state = {"rng": checkpoint.rng_state(), "buffer": buffer.state_dict()}
+        rank_state = {"rng": checkpoint.rng_state(), "buffer": buffer.state_dict() if buffer is not None else None}
         if cache is not None:
             cache.flush()
         checkpoint.save(engine, run_dir / "checkpoints", step, client_state, rank_state, cfg.checkpoint.keep_last)
@@ -256,12 +291,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     preempted_marker = run_dir / "PREEMPTED"
     if dist.is_main():
         preempted_marker.unlink(missing_ok=True)
-    timer = Timer()
+    timer, window = Timer(), LogWindow()
     batches = endless(loader)
     bad_streak = 0
-    window_start, window_samples, window_micro = time.perf_counter(), 0, 0
-    logit_scale = float("nan")
-    terms_sum: dict[str, torch.Tensor] = {}
     last_eval: dict = {}
     # Rank 0's progress bar: steps, ETA and the latest logged loss and throughput (sparser when logging to a file).
     progress = tqdm(total=cfg.train.steps, initial=start_step, unit="step", disable=not dist.is_main(),
@@ -280,9 +312,10 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
             if teacher is not None:
                 with timer("teacher_ms"):
                     teacher_emb = embed_cached(teacher, cache, batch).to(device)
-                buffer.add(teacher_emb)
-                if bank is not None and bank.fitted:
-                    soft_labels = bank.soft_labels(teacher_emb, cfg.concepts.tau)
+                if bank is not None:
+                    buffer.add(teacher_emb)
+                    if bank.fitted:
+                        soft_labels = bank.soft_labels(teacher_emb, cfg.concepts.tau)
             with timer("student_ms"):
                 out = engine(batch["pixels"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device))
                 total, terms = loss_fn(
@@ -291,29 +324,23 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
                     concept_logits=out.get("concept_logits"), soft_labels=soft_labels,
                 )
                 # All ranks must take the same branch, or the gradient all-reduce would hang: agree on finiteness.
-                finite = torch.tensor([float(torch.isfinite(total.detach()).all())], device=device)
-                finite = dist.all_reduce_sum(finite).item() == world
+                finite = all_finite(total)
                 if finite:
                     engine.backward(total)
                     engine.step()
-            if not finite:
-                counters["skipped_nonfinite"] += 1
-                bad_streak += 1
-                bad_terms = [k for k, v in terms.items() if not math.isfinite(float(v))] or ["total"]
-                if dist.is_main():
-                    log.warning("step %d: non-finite loss (%s); update skipped", step, ", ".join(bad_terms))
-                if bad_streak >= cfg.train.max_bad_steps:
-                    raise TrainingError(f"step {step}: {bad_streak} consecutive non-finite losses "
-                                        f"(terms: {', '.join(bad_terms)}); stopping")
+            if finite:
+                bad_streak = 0
+                window.add(terms, total, logit_scale=out["logit_scale"], samples=batch["pixels"].shape[0] * world)
+                counters["samples"] += batch["pixels"].shape[0] * world
                 continue
-            bad_streak = 0
-            for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + v.detach()
-            terms_sum["total"] = terms_sum.get("total", 0.0) + total.detach()
-            logit_scale = float(out["logit_scale"].detach())
-            window_micro += 1
-            counters["samples"] += batch["pixels"].shape[0] * world
-            window_samples += batch["pixels"].shape[0] * world
+            counters["skipped_nonfinite"] += 1
+            bad_streak += 1
+            bad_terms = [k for k, v in terms.items() if not math.isfinite(float(v))] or ["total"]
+            if dist.is_main():
+                log.warning("step %d: non-finite loss (%s); update skipped", step, ", ".join(bad_terms))
+            if bad_streak >= cfg.train.max_bad_steps:
+                raise TrainingError(f"step {step}: {bad_streak} consecutive non-finite losses "
+                                    f"(terms: {', '.join(bad_terms)}); stopping")
 
         fit_stats = None
         if bank is not None and concept_fit_due(step, cfg):
@@ -321,14 +348,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
                 fit_stats = bank.fit(buffer.tensor())
 
         if (step + 1) % cfg.log.every == 0 or step + 1 == cfg.train.steps or fit_stats is not None:
-            values = global_mean({f"loss/{k}": v / max(1, window_micro) for k, v in terms_sum.items()})
-            elapsed = time.perf_counter() - window_start
-            values.update(
-                lr=lr, logit_scale=logit_scale, samples_per_s=window_samples / max(elapsed, 1e-9),
-                rss_mb=psutil.Process().memory_info().rss / 2**20,
-                **{k: v / max(1, window_micro) for k, v in timer.pop().items()},
-                **{f"count/{k}": v for k, v in counters.items()},
-            )
+            phase_ms = timer.pop(per=window.micro_batches)
+            values = {**window.summary(), "lr": lr, **phase_ms, **{f"count/{k}": v for k, v in counters.items()},
+                      "rss_mb": psutil.Process().memory_info().rss / 2**20}
             if teacher is not None:
                 values.update(teacher_tokens=teacher.tokens_processed, teacher_tokens_padded=teacher.tokens_padded)
                 if cache is not None:
@@ -338,9 +360,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
             logger.log(step + 1, values)
             progress.set_postfix(loss=f"{values.get('loss/total', float('nan')):.4f}", lr=f"{lr:.2e}",
                                  samples_s=f"{values['samples_per_s']:.1f}", refresh=False)
-            terms_sum, window_start, window_samples, window_micro = {}, time.perf_counter(), 0, 0
-
         progress.update(1)
+
         if val_loader is not None and cfg.eval.every and (step + 1) % cfg.eval.every == 0:
             last_eval = evaluate_split(engine.module, val_loader, device)
             logger.log(step + 1, {f"eval/{k}": v for k, v in last_eval.items()})

@@ -2,7 +2,6 @@
 plain-CLIP baseline without a teacher, and configs rejected before any process group starts."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
