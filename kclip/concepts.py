@@ -32,8 +32,13 @@ def _match_to_previous(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, in
 class ConceptBank:
     """k centroids in teacher-embedding space (k-means on L2-normalised embeddings when spherical)."""
 
-    def __init__(self, k: int, dim: int, *, niter: int = 20, seed: int = 0, spherical: bool = True):
+    def __init__(self, k: int, dim: int, *, niter: int = 20, seed: int = 0, spherical: bool = True,
+                 warm_start: bool = True):
         self.k, self.dim, self.niter, self.seed, self.spherical = k, dim, niter, seed, spherical
+        # Re-fits start from the current centroids: the frozen teacher's embedding distribution barely shifts between
+        # recomputes, so this converges faster, avoids a fresh random start's worse local optima, and keeps ids put
+        # (the Hungarian matching below still guards against any swap).
+        self.warm_start = warm_start
         self.centroids: torch.Tensor | None = None  # [k, dim] float32, identical on every rank
         self.num_fits = 0
 
@@ -44,7 +49,8 @@ class ConceptBank:
     def _cluster(self, x: np.ndarray) -> tuple[np.ndarray, dict]:
         """Rank-0 work: k-means on all rows, re-aligned to the previous centroids; returns centroids and stats."""
         kmeans = faiss.Kmeans(self.dim, self.k, niter=self.niter, seed=self.seed, spherical=self.spherical)
-        kmeans.train(x)
+        init = self.centroids.cpu().numpy() if self.warm_start and self.fitted else None
+        kmeans.train(x, init_centroids=init)
         centroids = kmeans.centroids
         # faiss re-seeds a cluster that ends an iteration empty by splitting a large one (nsplit per iteration).
         empty = int(sum(s["nsplit"] for s in kmeans.iteration_stats))

@@ -79,6 +79,7 @@ class ConceptConfig:
     buffer_size: int = 4096  # recent teacher embeddings kept per rank for (re)fitting
     warmup_steps: int = 20  # steps collecting teacher embeddings before the first fit (no concept loss before)
     recompute_every: int = 1000  # 0 = fit once
+    warm_start: bool = True  # re-fits start from the current centroids (stable ids, faster convergence)
     seed: int = 0
 
 

@@ -239,7 +239,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     loss_fn = KnowledgeCLIPLoss(cfg.loss)
     bank = None
     if cfg.loss.concept_weight > 0:
-        bank = ConceptBank(cfg.concepts.k, teacher.hidden_size, niter=cfg.concepts.niter, seed=cfg.concepts.seed)
+        bank = ConceptBank(cfg.concepts.k, teacher.hidden_size, niter=cfg.concepts.niter, seed=cfg.concepts.seed,
+                           warm_start=cfg.concepts.warm_start)
     buffer = EmbeddingBuffer(cfg.concepts.buffer_size) if bank is not None else None
     counters = {"skipped_nonfinite": 0, "replaced_samples": 0, "truncated_captions": 0, "samples": 0}
 

@@ -53,9 +53,9 @@ def test_two_rank_fits():
         assert in_step and not fitted
 
 
-def test_refit_on_permuted_data_keeps_concept_ids():
+def test_refit_from_random_starts_is_matched_back_to_the_same_ids():
     x, truth = _clustered()
-    bank = ConceptBank(K, DIM, seed=0)
+    bank = ConceptBank(K, DIM, seed=0, warm_start=False)
     bank.fit(x)
     first_state, first_centroids, first_ids = bank.state_dict(), bank.centroids.clone(), bank.assign(x)
     assert _same_partition(first_ids, truth), "fixture: the first fit should recover the true clusters"
@@ -118,3 +118,15 @@ def test_state_dict_round_trip():
 def test_fit_rejects_wrong_width():
     with pytest.raises(ValueError, match=r"expects \[n, 16\]"):
         ConceptBank(K, DIM).fit(torch.randn(10, 8))
+
+
+def test_warm_started_refit_keeps_ids_without_relabelling():
+    x, truth = _clustered()
+    bank = ConceptBank(K, DIM, seed=0)
+    bank.fit(x)
+    first_ids = bank.assign(x)
+    for perm_seed in range(3):
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(perm_seed))
+        stats = bank.fit(x[perm])
+        assert stats["moved_ids"] == 0 and stats["drift"] < 1e-5
+        assert torch.equal(bank.assign(x), first_ids)
