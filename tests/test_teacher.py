@@ -312,3 +312,25 @@ def test_real_small_teacher_sharded_matches_single_process():
     for emb, share in run_ranks(_real_sharded_run, path, world_size=2, timeout=600):
         torch.testing.assert_close(torch.as_tensor(emb), expected, atol=1e-4, rtol=0)
         assert 0.5 <= share < 0.501
+
+
+def test_middle_layer_truncation_equals_the_full_models_hidden_state():
+    """The teacher drops the layers after the pooled one; its embedding must equal pooling the full model's
+    hidden_states[layer] (un-normed), for a middle layer and for the embedding layer."""
+    from kclip.models.teacher import pool
+
+    kwargs = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=384, max_position_embeddings=64)
+    torch.manual_seed(0)
+    full = LlamaModel(LlamaConfig(**kwargs)).eval()
+    for layer in (1, 0, -2):
+        teacher = build_teacher(TeacherConfig(random_config=kwargs, layer=layer, normalize=False, pooling="last"),
+                                shard=False)
+        teacher.module.load_state_dict(
+            {k: v for k, v in full.state_dict().items() if k in teacher.module.state_dict()}, strict=True)
+        assert len(teacher.module.layers) == layer % 4
+        ids, mask = teacher.tokenize(["a red dog", "two cats"])
+        with torch.no_grad():
+            hidden = full(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
+        expected = pool(hidden, mask.sum(1), "last")
+        torch.testing.assert_close(teacher.embed(ids, mask), expected, atol=1e-5, rtol=1e-5)
