@@ -33,8 +33,14 @@ class ConceptBank:
     """k centroids in teacher-embedding space (k-means on L2-normalised embeddings when spherical)."""
 
     def __init__(self, k: int, dim: int, *, niter: int = 20, seed: int = 0, spherical: bool = True,
-                 warm_start: bool = True):
+                 warm_start: bool = True, center: bool = True):
         self.k, self.dim, self.niter, self.seed, self.spherical = k, dim, niter, seed, spherical
+        # Decoder-LM embeddings are anisotropic: all captions sit in a narrow cone (cosines of 0.9+ between unrelated
+        # captions), so cosine similarity to centroids barely varies and softmax(sim / tau) is close to uniform,
+        # i.e. the soft labels carry almost no signal. Subtracting the mean of the fitted embeddings first spreads
+        # them out (measured on the demo: label entropy 3.26 -> 0.53 nats against 3.47 for uniform, k=32, tau=0.05).
+        self.center = center
+        self.mean = torch.zeros(dim)
         # Re-fits start from the current centroids: the frozen teacher's embedding distribution barely shifts between
         # recomputes, so this converges faster, avoids a fresh random start's worse local optima, and keeps ids put
         # (the Hungarian matching below still guards against any swap).
@@ -82,6 +88,9 @@ class ConceptBank:
         if self.spherical:
             x = F.normalize(x, dim=1)
         rows = dist.all_gather_rows(x)
+        mean = rows.mean(dim=0) if self.center and rows.shape[0] else torch.zeros(self.dim, device=rows.device)
+        self.mean = dist.broadcast(mean.contiguous()).cpu()  # rank 0's copy: bit-identical everywhere
+        rows = self._prepare(rows)
         # Every rank sees the same gathered count, so every rank raises here together: no rank is left waiting.
         if self.k > rows.shape[0]:
             raise ValueError(
@@ -105,23 +114,30 @@ class ConceptBank:
             raise RuntimeError("concept bank used before its first fit")
         return self.centroids
 
+    def _prepare(self, emb: torch.Tensor) -> torch.Tensor:
+        """Into the space the centroids live in: centred on the fitted mean, then L2-normalised when spherical."""
+        x = emb.float() - self.mean.to(emb.device)
+        return F.normalize(x, dim=1) if self.spherical else x
+
     @torch.no_grad()
     def soft_labels(self, teacher_emb: torch.Tensor, tau: float) -> torch.Tensor:
-        """q = softmax(normalize(t) @ centroids.T / tau), [B, k] float32; rows sum to 1."""
+        """q = softmax(prepare(t) @ centroids.T / tau), [B, k] float32, with prepare(t) = normalize(t - mean);
+        rows sum to 1."""
         centroids = self._require_fitted().to(teacher_emb.device)
-        return torch.softmax(F.normalize(teacher_emb.float(), dim=1) @ centroids.T / tau, dim=1)
+        return torch.softmax(self._prepare(teacher_emb) @ centroids.T / tau, dim=1)
 
     @torch.no_grad()
     def assign(self, emb: torch.Tensor) -> torch.Tensor:
         """Hard concept id per row [B] (long): nearest centroid by cosine (spherical) or L2 distance."""
         centroids = self._require_fitted().to(emb.device)
         if self.spherical:
-            return (F.normalize(emb.float(), dim=1) @ centroids.T).argmax(dim=1)
-        return torch.cdist(emb.float(), centroids).argmin(dim=1)
+            return (self._prepare(emb) @ centroids.T).argmax(dim=1)
+        return torch.cdist(self._prepare(emb), centroids).argmin(dim=1)
 
     def state_dict(self) -> dict:
         return {
             "centroids": None if self.centroids is None else self.centroids.cpu().clone(),
+            "mean": self.mean.clone(),
             "num_fits": self.num_fits,
             "config": {"k": self.k, "dim": self.dim, "niter": self.niter, "seed": self.seed,
                        "spherical": self.spherical},
@@ -136,4 +152,5 @@ class ConceptBank:
             )
         centroids = state["centroids"]
         self.centroids = None if centroids is None else centroids.to(torch.float32).clone()
+        self.mean = state["mean"].float().clone()
         self.num_fits = state["num_fits"]

@@ -80,6 +80,7 @@ class ConceptConfig:
     warmup_steps: int = 20  # steps collecting teacher embeddings before the first fit (no concept loss before)
     recompute_every: int = 1000  # 0 = fit once
     warm_start: bool = True  # re-fits start from the current centroids (stable ids, faster convergence)
+    center: bool = True  # subtract the mean teacher embedding before clustering and soft labels (anisotropy)
     seed: int = 0
 
 

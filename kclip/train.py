@@ -240,7 +240,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     bank = None
     if cfg.loss.concept_weight > 0:
         bank = ConceptBank(cfg.concepts.k, teacher.hidden_size, niter=cfg.concepts.niter, seed=cfg.concepts.seed,
-                           warm_start=cfg.concepts.warm_start)
+                           warm_start=cfg.concepts.warm_start, center=cfg.concepts.center)
     buffer = EmbeddingBuffer(cfg.concepts.buffer_size) if bank is not None else None
     counters = {"skipped_nonfinite": 0, "replaced_samples": 0, "truncated_captions": 0, "samples": 0}
 

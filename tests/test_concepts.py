@@ -1,3 +1,4 @@
+import math
 import numpy as np
 import pytest
 import torch
@@ -130,3 +131,20 @@ def test_warm_started_refit_keeps_ids_without_relabelling():
         stats = bank.fit(x[perm])
         assert stats["moved_ids"] == 0 and stats["drift"] < 1e-5
         assert torch.equal(bank.assign(x), first_ids)
+
+
+def test_centering_gives_informative_soft_labels_for_anisotropic_embeddings():
+    """Decoder-LM embeddings share a large common direction; without centring, every caption is about equally
+    similar to every centroid and the soft labels are nearly uniform."""
+    g = torch.Generator().manual_seed(0)
+    offset = torch.zeros(DIM)
+    offset[0] = 20.0  # the common direction dominates every embedding, as in SmolLM2's mean-pooled states
+    x = torch.randn(K, DIM, generator=g).repeat_interleave(30, dim=0) + offset + 0.1 * torch.randn(30 * K, DIM, generator=g)
+    entropy = {}
+    for center in (False, True):
+        bank = ConceptBank(K, DIM, seed=0, center=center)
+        bank.fit(x)
+        q = bank.soft_labels(x, tau=0.05)
+        entropy[center] = float(-(q * q.clamp_min(1e-12).log()).sum(1).mean())
+    uniform = math.log(K)
+    assert entropy[False] > 0.9 * uniform and entropy[True] < 0.25 * uniform, entropy
