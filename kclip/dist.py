@@ -188,9 +188,11 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate tensors whose first dimension differs across ranks (no gradient), in rank order."""
+    """Concatenate tensors whose first dimension differs across ranks (no gradient), in rank order. Works for CPU
+    tensors under NCCL too (they travel through the communication device and come back)."""
     if world_size() == 1:
         return x
+    home, x = x.device, x.to(device())
     n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
     counts = [torch.zeros_like(n) for _ in range(world_size())]
     dist.all_gather(counts, n)
@@ -199,7 +201,7 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0).to(home)
 
 
 def all_reduce_max(value: int) -> int:
@@ -210,16 +212,28 @@ def all_reduce_max(value: int) -> int:
     return int(t.item())
 
 
+def _on_comm_device(collective, t: torch.Tensor) -> torch.Tensor:
+    """Run an in-place collective on `t`; NCCL only takes CUDA tensors, so CPU tensors (embedding buffers,
+    centroids, flags) take a round trip through the communication device."""
+    if t.device == device():
+        collective(t)
+    else:
+        moved = t.to(device())
+        collective(moved)
+        t.copy_(moved)
+    return t
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks in place and return it."""
     if world_size() > 1:
-        dist.all_reduce(t)
+        _on_comm_device(dist.all_reduce, t)
     return t
 
 
 def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     if world_size() > 1:
-        dist.broadcast(t, src=src)
+        _on_comm_device(lambda x: dist.broadcast(x, src=src), t)
     return t
 
 

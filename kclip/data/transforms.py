@@ -54,5 +54,6 @@ def apply_seeded(transform, image: Image.Image, seed: int) -> torch.Tensor:
     """Run `transform` with torch's CPU RNG seeded to `seed`, restoring the caller's RNG state afterwards (with
     num_workers=0 the transform runs in the training process, whose RNG must not be disturbed)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # Only the CPU generator: torch.manual_seed would also reseed every CUDA generator (~0.26 ms per sample).
+        torch.default_generator.manual_seed(seed)
         return transform(image)
