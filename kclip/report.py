@@ -89,11 +89,14 @@ def plot_keys(runs: list[Run], keys: list[str], path: Path, title: str) -> Path 
     if not keys:
         return None
     fig, axes = panels(len(keys))
+    # A run keeps its colour in every panel, also where other runs have no line (loss/distill of plain CLIP).
+    colours = {run.name: f"C{i}" for i, run in enumerate(runs)}
     for ax, key in zip(axes, keys):
         for run in runs:
             steps, values = run.series(key)
             if steps:
-                ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=run.name)
+                ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=run.name,
+                        color=colours[run.name])
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
