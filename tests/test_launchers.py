@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from test_train import _env
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,8 +37,14 @@ def fake_bin(tmp_path: Path) -> Path:
     return bin_dir
 
 
+def launcher_free_env(**extra) -> dict:
+    """os.environ without rank variables: an in-process run earlier in the session may have set them, and the
+    scripts honour an existing MASTER_ADDR / MASTER_PORT."""
+    return dict(_env(), PATH=f"{extra.pop('bin_dir')}:{os.environ['PATH']}", **extra)
+
+
 def run_script(script: str, args: list[str], tmp_path: Path, env: dict | None = None, **kwargs):
-    full_env = dict(os.environ, PATH=f"{fake_bin(tmp_path)}:{os.environ['PATH']}", **(env or {}))
+    full_env = launcher_free_env(bin_dir=fake_bin(tmp_path), **(env or {}))
     return subprocess.run(["bash", str(REPO / script), *args], cwd=tmp_path, env=full_env, capture_output=True,
                           text=True, timeout=60, **kwargs)
 
@@ -86,7 +94,7 @@ def test_sbatch_forwards_preemption_and_requeues(tmp_path):
     env = {"SLURM_JOB_NODELIST": "gpu-a[01-02]", "SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "FAKE_SLEEP": "30"}
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
-    full_env = dict(os.environ, PATH=f"{fake_bin(tmp_path)}:{os.environ['PATH']}", **env)
+    full_env = launcher_free_env(bin_dir=fake_bin(tmp_path), **env)
     proc = subprocess.Popen(["bash", str(REPO / "slurm/train.sbatch"), "--output", str(run_dir)], cwd=tmp_path,
                             env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "calls.log"
