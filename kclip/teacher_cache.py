@@ -3,11 +3,11 @@
 A frozen teacher gives a caption the same embedding every epoch, and the teacher is the most expensive part of a
 step, so after the first epoch the cache removes most of its cost.
 
-Layout: `<cache_dir>/<key>/` with `meta.json`, `emb.f32` (memmap [N, D], row = dataset sample index) and
+Layout: `<cache_dir>/<key>/<hostname>/` with `meta.json`, `emb.f32` (memmap [N, D], row = dataset sample index) and
 `filled.u8` (1 where the row holds an embedding). `key` hashes the teacher fingerprint (model, weights, layer,
 pooling, normalisation, max_len, tokenizer) and the dataset's index.json, so a different teacher or dataset gets a
 different folder and is never silently served stale rows. Ranks of one node share the files: each writes only rows
-it computed itself. Rows are flushed before each checkpoint; a row computed after the last checkpoint by a killed
+it computed itself. Nodes keep separate files, so a sample first embedded on another node is a miss here. Rows are flushed before each checkpoint; a row computed after the last checkpoint by a killed
 run is still the teacher's embedding of that caption, so reusing it is correct.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,10 @@ class TeacherCache:
     def __init__(self, cache_dir: str | Path, *, teacher_fingerprint: str, dataset_dir: str, num_samples: int, dim: int):
         index_bytes = (Path(dataset_dir) / "index.json").read_bytes()
         key = hashlib.sha256(teacher_fingerprint.encode() + index_bytes).hexdigest()[:16]
-        self.folder = Path(cache_dir) / key
+        # One folder per node: ranks of a node share a page cache, so their memmap writes to different rows stay
+        # coherent; across nodes on a shared filesystem they would not (a flushed page can carry another node's
+        # stale copy of neighbouring rows), so nodes never share files.
+        self.folder = Path(cache_dir) / key / socket.gethostname()
         self.meta = {"teacher": teacher_fingerprint, "dataset": str(Path(dataset_dir).resolve()),
                      "num_samples": num_samples, "dim": dim, "dtype": "float32"}
         # One process per node creates or repairs the files; the others wait, then map them.
