@@ -1,6 +1,5 @@
 """The frozen teacher: ZeRO-3 on 2 CPU ranks gives the single-process embeddings, holds only its shard, never hangs on
 uneven batches, does not leak partitioning into later models; bucketing; config derivation; the real small teacher."""
-import dataclasses
 import math
 import os
 import sys
@@ -13,7 +12,7 @@ from transformers import LlamaConfig, LlamaModel
 
 from kclip import fetch
 from kclip.config import StudentConfig, TeacherConfig
-from kclip.models.teacher import Teacher, build_teacher, pack_right, pool, teacher_ds_config
+from kclip.models.teacher import build_teacher, pack_right, pool, teacher_ds_config
 from kclip.tokenizers import load_tokenizer
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -273,19 +272,13 @@ def real_teacher_path() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def real_teacher():
-    return build_teacher(TeacherConfig(path=real_teacher_path(), pooling="mean"))
-
-
 @pytest.mark.slow
 @pytest.mark.teacher_file
 @pytest.mark.parametrize("layer", [-1, 15])
-def test_real_small_teacher_embeddings_carry_meaning(real_teacher, layer):
-    assert real_teacher.hidden_size == 576 and not real_teacher.sharded
-    # The same loaded weights, pooled at another layer (loading the GGUF again would take most of the test's time).
-    t = Teacher(real_teacher.module, real_teacher.tokenizer, dataclasses.replace(real_teacher.cfg, layer=layer),
-                hidden_size=576, num_layers=30, fingerprint="", sharded=False)
+def test_real_small_teacher_embeddings_carry_meaning(layer):
+    # Each layer loads the GGUF anew: the teacher keeps only the decoder layers up to the pooled one.
+    t = build_teacher(TeacherConfig(path=real_teacher_path(), pooling="mean", layer=layer))
+    assert t.hidden_size == 576 and not t.sharded and len(t.module.layers) == layer % 31
     words = ["a dog", "a puppy", "an automobile", "a car", "a banana", "a yellow fruit"]
     e = t.embed(*t.tokenize(words))
     cos = dict(zip(((a, b) for a in words for b in words), (e @ e.T).flatten().tolist()))
