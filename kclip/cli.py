@@ -1,4 +1,5 @@
-"""`kclip` command line: prepare data, fetch the demo teacher, train, evaluate, export, embed, report."""
+"""`kclip` command line: prepare data, fetch the demo teacher, precompute teacher embeddings, train, evaluate, export,
+embed, report."""
 from __future__ import annotations
 
 import argparse
@@ -11,9 +12,25 @@ import sys
 from kclip.config import ConfigError
 
 
-def _fail(message: str, code: int) -> int:
+def fail(message: str, code: int) -> int:
     print(f"kclip: error: {message}", file=sys.stderr)
     return code
+
+
+def call_collective(fn, *args, known_errors: tuple[type[Exception], ...] = (), **kwargs) -> tuple[object, int]:
+    """(fn(...), 0); or (None, 1) after printing one line when fn raises a known error or a collective fails
+    because a rank died. Anything else propagates with its traceback."""
+    from kclip import dist
+
+    try:
+        return fn(*args, **kwargs), 0
+    except known_errors as e:
+        return None, fail(str(e), 1)
+    except Exception as e:
+        lost = dist.describe_failure(e)
+        if lost is None:
+            raise
+        return None, fail(lost, 1)
 
 
 def train_main(argv: list[str]) -> int:
@@ -35,23 +52,19 @@ def train_main(argv: list[str]) -> int:
         dist.map_launcher_env()
         validate(cfg, int(os.environ["WORLD_SIZE"]))
     except ConfigError as e:
-        return _fail(str(e), 2)
+        return fail(str(e), 2)
 
     from kclip.checkpoint import CheckpointError
+    from kclip.teacher_cache import TeacherCacheError
     from kclip.train import TrainingError, train
 
     resume = args.resume
     if resume == "auto":
         resume = "latest" if os.path.isfile(os.path.join(args.output, "checkpoints", "latest")) else None
-    try:
-        result = train(cfg, args.output, resume=resume, allow_config_change=args.allow_config_change)
-    except (TrainingError, CheckpointError, ConfigError) as e:
-        return _fail(str(e), 1)
-    except Exception as e:
-        lost = dist.describe_failure(e)
-        if lost is None:
-            raise
-        return _fail(lost, 1)
+    result, code = call_collective(train, cfg, args.output, resume=resume, allow_config_change=args.allow_config_change,
+                                   known_errors=(TrainingError, CheckpointError, ConfigError, TeacherCacheError))
+    if code:
+        return code
     if dist.is_main():
         print(json.dumps(result["eval"] or {}, indent=1))
     return 0
@@ -60,6 +73,7 @@ def train_main(argv: list[str]) -> int:
 COMMANDS = {
     "prepare": "kclip.data.cli:prepare_main",
     "fetch-teacher": "kclip.fetch:main",
+    "teacher-cache": "kclip.teacher_precompute:main",
     "train": "kclip.cli:train_main",
     "eval": "kclip.eval.run:main",
     "export": "kclip.export:main",

@@ -151,6 +151,23 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_world_size() -> int:
+    """Ranks per node (launchers start the same number on every node)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size())
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def node_index() -> int:
+    return rank() // local_world_size()
+
+
+def num_nodes() -> int:
+    return world_size() // local_world_size()
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

@@ -3,51 +3,88 @@
 A frozen teacher gives a caption the same embedding every epoch, and the teacher is the most expensive part of a
 step, so after the first epoch the cache removes most of its cost.
 
-Layout: `<cache_dir>/<key>/<hostname>/` with `meta.json`, `emb.f32` (memmap [N, D], row = dataset sample index) and
-`filled.u8` (1 where the row holds an embedding). `key` hashes the teacher fingerprint (model, weights, layer,
-pooling, normalisation, max_len, tokenizer) and the dataset's index.json, so a different teacher or dataset gets a
-different folder and is never silently served stale rows. Ranks of one node share the files: each writes only rows
-it computed itself. Nodes keep separate files, so a sample first embedded on another node is a miss here. Rows are flushed before each checkpoint; a row computed after the last checkpoint by a killed
-run is still the teacher's embedding of that caption, so reusing it is correct.
+Layout: `<cache_dir>/<key>/node<i>/` with `meta.json`, `emb.f32` (memmap [N, D], row = dataset sample index),
+`filled.u8` (1 where the row holds an embedding) and `lock`. `key` hashes the teacher fingerprint (model, weights,
+layer, pooling, normalisation, max_len, tokenizer) and the dataset's index.json, so a different teacher or dataset
+gets a different folder and is never silently served stale rows.
+
+Every node keeps a full copy: ranks of one node share its files (one page cache keeps their writes coherent), while
+two nodes writing one file through a shared filesystem would not be coherent (a flushed page can carry another node's
+stale copy of neighbouring rows). On more than one node, the embeddings each step computes are all-gathered so every
+node stores every row, and a sample is a hit in epoch 2 whichever node it lands on. Folders are named by node index,
+not hostname, so a requeued job on other machines finds its cache again; a job holds a lock on its folders, and a
+second job sharing `cache_dir` at the same time takes the next free slot (`node<i>-2`, ...) instead.
+Rows are flushed before each checkpoint; a row computed after the last checkpoint by a killed run is still the
+teacher's embedding of that caption, so reusing it is correct.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed
 
 from kclip import dist
+from kclip.validate import mds_num_samples
+
+MAX_SLOTS = 64
+
+
+class TeacherCacheError(RuntimeError):
+    pass
 
 
 class TeacherCache:
     def __init__(self, cache_dir: str | Path, *, teacher_fingerprint: str, dataset_dir: str, num_samples: int, dim: int):
         index_bytes = (Path(dataset_dir) / "index.json").read_bytes()
         key = hashlib.sha256(teacher_fingerprint.encode() + index_bytes).hexdigest()[:16]
-        # One folder per node: ranks of a node share a page cache, so their memmap writes to different rows stay
-        # coherent; across nodes on a shared filesystem they would not (a flushed page can carry another node's
-        # stale copy of neighbouring rows), so nodes never share files.
-        self.folder = Path(cache_dir) / key / socket.gethostname()
         self.meta = {"teacher": teacher_fingerprint, "dataset": str(Path(dataset_dir).resolve()),
                      "num_samples": num_samples, "dim": dim, "dtype": "float32"}
-        # One process per node creates or repairs the files; the others wait, then map them.
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            self._create_or_validate()
-        dist.barrier()
+        # One process per node picks a slot, creates or repairs its files and holds its lock; the others wait, then
+        # map the same files.
+        self._lock_file = None
+        claim = None
+        if dist.local_rank() == 0:
+            try:
+                claim = self._claim_slot(Path(cache_dir) / key)
+            except OSError as e:  # unwritable or full cache_dir: every rank must hear of it, not wait for it
+                claim = TeacherCacheError(f"teacher cache: cannot create {cache_dir}: {e}")
+            except TeacherCacheError as e:
+                claim = e
+        self.folder = Path(_from_node_leader(claim))
         self.emb = np.memmap(self.folder / "emb.f32", dtype=np.float32, mode="r+", shape=(num_samples, dim))
         self.filled = np.memmap(self.folder / "filled.u8", dtype=np.uint8, mode="r+", shape=(num_samples,))
         self.hits = 0
         self.lookups = 0
 
-    def _create_or_validate(self) -> None:
-        meta_path = self.folder / "meta.json"
+    def _claim_slot(self, root: Path) -> str:
+        """The first of node<i>, node<i>-2, ... whose lock is free; its files created or validated."""
+        node = dist.node_index()
+        for n in range(1, MAX_SLOTS + 1):
+            folder = root / (f"node{node}" if n == 1 else f"node{node}-{n}")
+            folder.mkdir(parents=True, exist_ok=True)
+            lock_file = open(folder / "lock", "a+")  # noqa: SIM115 - held open for the cache's lifetime
+            try:
+                # POSIX record locks: per process (re-opening the cache in one process is fine) and supported by
+                # NFS's lock manager, unlike flock on some mounts.
+                fcntl.lockf(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock_file.close()
+                continue
+            self._lock_file = lock_file
+            self._create_or_validate(folder)
+            return str(folder)
+        raise TeacherCacheError(f"teacher cache: all {MAX_SLOTS} slots for node {node} under {root} are locked by other jobs")
+
+    def _create_or_validate(self, folder: Path) -> None:
+        meta_path = folder / "meta.json"
         n, d = self.meta["num_samples"], self.meta["dim"]
-        sizes_ok = ((self.folder / "emb.f32").is_file() and (self.folder / "emb.f32").stat().st_size == n * d * 4
-                    and (self.folder / "filled.u8").is_file() and (self.folder / "filled.u8").stat().st_size == n)
+        sizes_ok = ((folder / "emb.f32").is_file() and (folder / "emb.f32").stat().st_size == n * d * 4
+                    and (folder / "filled.u8").is_file() and (folder / "filled.u8").stat().st_size == n)
         if meta_path.is_file() and sizes_ok:
             try:
                 if json.loads(meta_path.read_text()) == self.meta:
@@ -55,9 +92,8 @@ class TeacherCache:
             except json.JSONDecodeError:
                 pass
         # Missing, truncated or from another teacher/dataset: rebuild from nothing rather than trust any row.
-        self.folder.mkdir(parents=True, exist_ok=True)
-        np.memmap(self.folder / "emb.f32", dtype=np.float32, mode="w+", shape=(n, d)).flush()
-        np.memmap(self.folder / "filled.u8", dtype=np.uint8, mode="w+", shape=(n,)).flush()
+        np.memmap(folder / "emb.f32", dtype=np.float32, mode="w+", shape=(n, d)).flush()
+        np.memmap(folder / "filled.u8", dtype=np.uint8, mode="w+", shape=(n,)).flush()
         meta_path.write_text(json.dumps(self.meta, indent=1))
 
     def lookup(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,13 +109,52 @@ class TeacherCache:
         self.emb[idx] = emb.detach().float().cpu().numpy()
         self.filled[idx] = 1
 
+    def store_everywhere(self, index: torch.Tensor, emb: torch.Tensor) -> None:
+        """Collective on more than one node: store rows this rank computed, and rows other nodes computed, so that
+        every node's copy gets every row. Each rank writes the rows of the ranks with its local rank, so on every
+        node each row is written exactly once."""
+        if dist.num_nodes() == 1:
+            self.store(index, emb)
+            return
+        source = torch.full_like(index, dist.rank())
+        rows = dist.all_gather_rows(torch.stack([index.cpu(), source.cpu()], dim=1))
+        embs = dist.all_gather_rows(emb.detach().float())
+        mine = (rows[:, 1] % dist.local_world_size() == dist.local_rank()).to(embs.device)
+        self.store(rows[mine.cpu(), 0], embs[mine])
+
     def flush(self) -> None:
         self.emb.flush()
         self.filled.flush()
 
+    def close(self) -> None:
+        """Flush and release the slot's lock (process exit releases it too)."""
+        self.flush()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
     @property
     def hit_rate(self) -> float:
         return self.hits / max(1, self.lookups)
+
+
+def _from_node_leader(value: str | Exception | None) -> str:
+    """Collective: every rank gets what its node's local rank 0 passed; if any leader failed, every rank raises its
+    error (so no rank is left waiting in the next collective)."""
+    values = [value]
+    if dist.world_size() > 1:
+        values = [None] * dist.world_size()
+        torch.distributed.all_gather_object(values, value)
+    failed = [v for v in values if isinstance(v, Exception)]
+    if failed:
+        raise failed[0]
+    return values[dist.node_index() * dist.local_world_size()]
+
+
+def open_cache(cfg, teacher, run_dir: str | Path) -> TeacherCache:
+    """The cache of `cfg`'s teacher over its training set (collective): `teacher.cache_dir`, else `<run_dir>/teacher_cache`."""
+    return TeacherCache(cfg.teacher.cache_dir or Path(run_dir) / "teacher_cache", teacher_fingerprint=teacher.fingerprint,
+                        dataset_dir=cfg.data.train, num_samples=mds_num_samples(cfg.data.train), dim=teacher.hidden_size)
 
 
 def embed_cached(teacher, cache: TeacherCache | None, batch: dict) -> torch.Tensor:
@@ -91,7 +166,7 @@ def embed_cached(teacher, cache: TeacherCache | None, batch: dict) -> torch.Tens
     emb, hit = cache.lookup(batch["index"])
     miss = ~hit
     fresh = teacher.embed(ids[miss], mask[miss])
-    cache.store(batch["index"][miss], fresh)
+    cache.store_everywhere(batch["index"][miss], fresh)
     emb = emb.to(fresh.device)
     emb[miss.to(fresh.device)] = fresh
     return emb

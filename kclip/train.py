@@ -35,9 +35,8 @@ from kclip.metrics import MetricsLogger
 from kclip.models.knowledge_clip import KnowledgeCLIP
 from kclip.models.teacher import build_teacher
 from kclip.schedule import lr_at
-from kclip.teacher_cache import TeacherCache, embed_cached
+from kclip.teacher_cache import embed_cached, open_cache
 from kclip.tokenizers import load_tokenizer
-from kclip.validate import mds_num_samples
 
 log = logging.getLogger("kclip.train")
 
@@ -233,9 +232,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     )
     cache = None
     if teacher is not None and cfg.teacher.cache:
-        cache = TeacherCache(cfg.teacher.cache_dir or run_dir / "teacher_cache", teacher_fingerprint=teacher.fingerprint,
-                             dataset_dir=cfg.data.train, num_samples=mds_num_samples(cfg.data.train),
-                             dim=teacher.hidden_size)
+        cache = open_cache(cfg, teacher, run_dir)
     loss_fn = KnowledgeCLIPLoss(cfg.loss)
     bank = None
     if cfg.loss.concept_weight > 0:

@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import time
 import traceback
 
 COLLECTIVE_TIMEOUT_S = 60
@@ -20,12 +21,13 @@ def _free_port() -> int:
 
 
 def _child(fn, args, rank, world_size, port, results, extra_env):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-        DS_ACCELERATOR="cpu", **extra_env,
-    )
     try:
+        # extra_env may override the single-node defaults (e.g. LOCAL_SIZE=1 makes every rank its own node).
+        os.environ.update({
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size), "LOCAL_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+            "DS_ACCELERATOR": "cpu", **extra_env,
+        })
         import torch
 
         torch.set_num_threads(1)
@@ -65,11 +67,20 @@ def run_ranks(fn, *args, world_size: int = 2, timeout: float = 240, env: dict | 
         p.start()
     out, errors = {}, []
     try:
-        for _ in range(world_size):
+        deadline = time.monotonic() + timeout
+        while len(out) < world_size:
             try:
-                rank, status, value = results.get(timeout=timeout)
+                rank, status, value = results.get(timeout=1.0)
             except queue.Empty:
-                raise TimeoutError(f"ranks did not finish within {timeout}s (got {sorted(out)})") from None
+                # A rank killed before it could report (segfault, OOM kill) would otherwise cost the whole timeout.
+                dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode not in (None, 0)]
+                if dead:
+                    errors.append(f"rank(s) {dead} died without reporting (exit codes "
+                                  f"{[procs[r].exitcode for r in dead]})")
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ranks did not finish within {timeout}s (got {sorted(out)})") from None
+                continue
             if status == "ok":
                 out[rank] = value
             else:

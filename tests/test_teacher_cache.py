@@ -1,4 +1,6 @@
 """The teacher embedding cache serves exactly what the teacher computed, and never rows of another teacher/dataset."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -57,3 +59,72 @@ def test_other_teacher_or_damaged_files_are_never_reused(tmp_path, data):
         f.truncate(10)  # a crash mid-write or a full disk
     rebuilt = _cache(tmp_path, teacher, data)
     assert not np.asarray(rebuilt.filled).any()
+
+
+CAPTIONS = ["a red circle", "a blue square on a long grey road", "a green triangle", "two small yellow stars",
+            "a purple hexagon", "an orange ring next to a very large black square"]
+
+
+def _embed_as_two_nodes(cache_dir, data):
+    """Rank r (alone on 'node' r) embeds captions 3r..3r+2, then looks up all six."""
+    from kclip import dist
+
+    teacher = build_teacher(TeacherConfig(random_config=TINY))
+    cache = _cache(cache_dir, teacher, data)
+    mine = list(range(3 * dist.rank(), 3 * dist.rank() + 3))
+    embed_cached(teacher, cache, _batch(teacher, mine, [CAPTIONS[i] for i in mine]))
+    forwards = teacher.forwards
+    everything = embed_cached(teacher, cache, _batch(teacher, list(range(6)), CAPTIONS))
+    cache.flush()
+    return {"folder": str(cache.folder), "filled": np.asarray(cache.filled).copy(), "rows": np.asarray(cache.emb[:6]).copy(),
+            "second_pass_hit_rate": (cache.hits - 0) / 6, "second_pass_forwards": teacher.forwards - forwards,
+            "everything": everything.numpy()}
+
+
+def test_every_node_stores_what_any_node_computed(tmp_path, data):
+    from multiproc import run_ranks
+
+    two_nodes = {"LOCAL_RANK": "0", "LOCAL_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    node0, node1 = run_ranks(_embed_as_two_nodes, str(tmp_path), data, env=two_nodes)
+    assert Path(node0["folder"]).name == "node0" and Path(node1["folder"]).name == "node1"
+    reference = build_teacher(TeacherConfig(random_config=TINY), shard=False)
+    expected = reference.embed(*reference.tokenize(CAPTIONS)).numpy()
+    for node in (node0, node1):
+        assert node["filled"][:6].all() and not node["filled"][6:].any()
+        np.testing.assert_allclose(node["rows"], expected, atol=1e-5)
+        np.testing.assert_array_equal(node["everything"], node["rows"])
+        assert node["second_pass_hit_rate"] == 1.0  # the other node's captions too
+        assert node["second_pass_forwards"] == 0
+
+
+def _hold_lock(path, locked, release):
+    import fcntl
+
+    with open(path, "a+") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locked.set()
+        release.wait(60)
+
+
+def test_a_second_job_on_the_same_cache_dir_takes_the_next_slot(tmp_path, data):
+    import multiprocessing as mp
+
+    teacher = build_teacher(TeacherConfig(random_config=TINY), shard=False)
+    first = _cache(tmp_path, teacher, data)
+    embed_cached(teacher, first, _batch(teacher, [0], ["a red circle"]))
+    first.close()
+    assert first.folder.name == "node0"
+    ctx = mp.get_context("spawn")
+    locked, release = ctx.Event(), ctx.Event()
+    other_job = ctx.Process(target=_hold_lock, args=(str(first.folder / "lock"), locked, release))
+    other_job.start()
+    try:
+        assert locked.wait(60)
+        second = _cache(tmp_path, teacher, data)
+        assert second.folder.name == "node0-2"
+        assert not np.asarray(second.filled).any()  # its own files: never written by two jobs at once
+    finally:
+        release.set()
+        other_job.join()
+    again = _cache(tmp_path, teacher, data)  # lock released (a requeued job): the filled slot is found again
+    assert again.folder.name == "node0" and again.lookup(torch.tensor([0]))[1].all()

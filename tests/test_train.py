@@ -2,6 +2,7 @@
 plain-CLIP baseline without a teacher, and configs rejected before any process group starts."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -210,3 +211,23 @@ def test_torchrun_launch(shapes, tmp_path):
            "smoke", "--output", str(run), f"data.train={shapes}", "train.steps=6", "dist.timeout_s=60"]
     run_ok(cmd)
     assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
+
+
+def _printed_json(stdout: str) -> dict:
+    lines = stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.rstrip().endswith("{"))
+    end = next(i for i in range(start, len(lines)) if lines[i].rstrip().endswith("}"))
+    return json.loads("\n".join([lines[start][lines[start].index("{"):], *lines[start + 1 : end + 1]]))
+
+
+def test_teacher_cache_pass_makes_every_training_step_a_hit(shapes, tmp_path):
+    run = tmp_path / "run"
+    args = ["teacher-cache", "--config", "smoke", "--output", str(run), f"data.train={shapes}", "dist.timeout_s=60"]
+    two_ranks = ["deepspeed", "--num_gpus", "2", "--master_port", _port(), "--module", "kclip.cli"]
+    first = _printed_json(run_ok(two_ranks + args).stdout)
+    assert first["filled"] == first["samples"] == 96 and first["computed"] >= 96
+    again = _printed_json(run_ok([sys.executable, "-m", "kclip.cli", *args]).stdout)
+    assert again["computed"] == 0 and again["already_cached"] == 96  # an interrupted pass resumes, a full one is free
+    run_ok(train_cmd(run, shapes, "train.steps=4", "log.every=1"))
+    rows = [r for r in read_metrics(run) if "teacher_tokens" in r]
+    assert len(rows) == 4 and all(r["teacher_cache_hit_rate"] == 1.0 and r["teacher_tokens"] == 0 for r in rows)

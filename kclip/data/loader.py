@@ -126,6 +126,16 @@ class CaptionImageDataset(StreamingDataset):
         raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive records from index {sample_id} do not decode")
 
 
+class CaptionDataset(StreamingDataset):
+    """MDS records -> {caption, index} only: for passes that need the text alone (no image is decoded)."""
+
+    def __init__(self, data_dir: str, *, batch_size: int):
+        super().__init__(local=data_dir, remote=None, batch_size=batch_size, shuffle=False, shuffle_algo=SHUFFLE_ALGO)
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict:
+        return {"caption": super().get_item(sample_id, retry)["caption"], "index": int(sample_id)}
+
+
 def _resolve(tokenizer):
     return load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
 
@@ -178,6 +188,34 @@ class Collate:
         batch["replaced"] = torch.tensor([s["replaced"] for s in samples], dtype=torch.long)
         batch["truncated"] = truncated
         return batch
+
+
+class CaptionCollate:
+    """Picklable collate for `CaptionDataset`: teacher token ids of the captions, their indices and truncation flags."""
+
+    def __init__(self, tokenizer, max_len: int):
+        self.tokenizer = _resolve(tokenizer)
+        self.max_len = max_len
+
+    def __call__(self, samples: list[dict]) -> dict:
+        ids, mask, truncated = tokenize(self.tokenizer, [s["caption"] for s in samples], self.max_len)
+        return {"teacher_input_ids": ids, "teacher_attention_mask": mask, "truncated": truncated,
+                "index": torch.tensor([s["index"] for s in samples], dtype=torch.long)}
+
+
+def build_caption_loader(data_dir: str, *, batch_size: int, tokenizer, max_len: int,
+                         num_workers: int = 2) -> StreamingDataLoader:
+    """Every caption of `data_dir` once, in index order, split across ranks (streaming repeats a few samples so that
+    ranks get equal counts; the last batch may be partial)."""
+    if not os.path.isfile(os.path.join(data_dir, "index.json")):
+        raise FileNotFoundError(f"not an MDS folder (no index.json): {data_dir}")
+    map_launcher_env()
+    _clean_stale_shm_once()
+    return StreamingDataLoader(
+        CaptionDataset(data_dir, batch_size=batch_size), batch_size=batch_size,
+        collate_fn=CaptionCollate(tokenizer, max_len), num_workers=num_workers,
+        multiprocessing_context=_worker_start_method(num_workers),
+    )
 
 
 def build_loader(

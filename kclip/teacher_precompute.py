@@ -1,0 +1,80 @@
+"""`kclip teacher-cache`: embed every training caption with the teacher once, before training, into the teacher cache.
+
+Training fills the cache as it goes, so its first epoch pays for the teacher on every step and its later epochs miss
+the samples the first one never drew (`drop_last`). This pass runs the same teacher with the same ZeRO-3 sharding and
+the same cache key over the whole training set in index order (no images decoded), so that training starts with
+every step a cache hit. It skips rows already cached, so an interrupted pass resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kclip import dist
+from kclip.config import Config, ConfigError
+
+
+def precompute(cfg: Config, run_dir: str | Path) -> dict:
+    """Fill the cache `kclip train --output run_dir` with the same config would use (collective); returns counts."""
+    from kclip.data.loader import build_caption_loader
+    from kclip.models.teacher import build_teacher
+    from kclip.teacher_cache import embed_cached, open_cache
+
+    dist.init(cfg.dist.timeout_s)
+    teacher = build_teacher(cfg.teacher)
+    cache = open_cache(cfg, teacher, run_dir)
+    loader = build_caption_loader(cfg.data.train, batch_size=cfg.train.global_batch_size // dist.world_size(),
+                                  tokenizer=teacher.tokenizer, max_len=cfg.teacher.max_len,
+                                  num_workers=cfg.data.num_workers)
+    start, truncated = time.perf_counter(), 0
+    for batch in tqdm(loader, unit="batch", disable=not dist.is_main(), mininterval=1.0 if sys.stderr.isatty() else 30.0):
+        embed_cached(teacher, cache, batch)
+        truncated += int(batch["truncated"].sum())
+    totals = torch.tensor([cache.lookups - cache.hits, cache.hits, truncated, teacher.tokens_processed],
+                          dtype=torch.float64)
+    dist.all_reduce_sum(totals)  # also a barrier: every rank's rows are written before they are counted
+    computed, cached, truncated, tokens = (int(v) for v in totals.tolist())
+    # Streaming repeats a few samples to give ranks equal shares, so `computed` + `already_cached` can exceed `samples`.
+    result = {"cache": str(cache.folder), "samples": len(cache.filled), "filled": int(cache.filled.sum()),
+              "computed": computed, "already_cached": cached, "truncated_captions": truncated, "teacher_tokens": tokens,
+              "seconds": round(time.perf_counter() - start, 1)}
+    cache.close()
+    return result
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kclip teacher-cache", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="the config `kclip train` will use (named or a YAML file)")
+    parser.add_argument("--output", required=True, help="the run folder `kclip train` will use (the cache goes to "
+                        "RUN/teacher_cache unless teacher.cache_dir is set)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, as for kclip train")
+    args = parser.parse_args(argv)
+
+    from kclip.cli import call_collective, fail
+    from kclip.config import load_config
+    from kclip.teacher_cache import TeacherCacheError
+    from kclip.validate import validate
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        dist.map_launcher_env()
+        validate(cfg, int(os.environ["WORLD_SIZE"]))
+        if not cfg.needs_teacher:
+            raise ConfigError("teacher-cache: this config uses no teacher (loss.distill_weight and loss.concept_weight are 0)")
+        if not cfg.teacher.cache:
+            raise ConfigError("teacher-cache: teacher.cache is false, so training would not read the cache")
+    except ConfigError as e:
+        return fail(str(e), 2)
+    result, code = call_collective(precompute, cfg, args.output, known_errors=(TeacherCacheError,))
+    if code:
+        return code
+    if dist.is_main():
+        print(json.dumps(result, indent=1))
+    return 0
