@@ -1,11 +1,12 @@
 """Concept bank: spherical k-means centroids over teacher caption embeddings, and the soft labels they induce.
 
-The fit is collective: rank 0 clusters the rows of all ranks with faiss (seeded, so deterministic) and broadcasts
-the centroids, so every rank holds bit-identical ones. A re-fit is matched to the previous centroids (Hungarian
+The fit is collective: rank 0 gathers up to 256 x k rows sampled from all ranks' buffers, clusters them with faiss
+(seeded, so deterministic) and broadcasts the centroids, so every rank holds bit-identical ones. A re-fit is matched to the previous centroids (Hungarian
 assignment on cosine similarity) so concept ids, which the concept heads are trained against, stay stable.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import faiss
@@ -16,6 +17,8 @@ from scipy.optimize import linear_sum_assignment
 
 from kclip import dist
 
+# faiss's default cap on training points per centroid; anything beyond it faiss would subsample away.
+POINTS_PER_CENTROID = 256
 
 def _match_to_previous(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, int, float]:
     """Permutation `perm` maximising sum_i cos(old_i, new_perm[i]); also the number of ids not matched to themselves
@@ -54,7 +57,8 @@ class ConceptBank:
 
     def _cluster(self, x: np.ndarray) -> tuple[np.ndarray, dict]:
         """Rank-0 work: k-means on all rows, re-aligned to the previous centroids; returns centroids and stats."""
-        kmeans = faiss.Kmeans(self.dim, self.k, niter=self.niter, seed=self.seed, spherical=self.spherical)
+        kmeans = faiss.Kmeans(self.dim, self.k, niter=self.niter, seed=self.seed, spherical=self.spherical,
+                              max_points_per_centroid=POINTS_PER_CENTROID)
         init = self.centroids.cpu().numpy() if self.warm_start and self.fitted else None
         kmeans.train(x, init_centroids=init)
         centroids = kmeans.centroids
@@ -66,7 +70,8 @@ class ConceptBank:
             centroids = centroids[perm]
         _, assignment = self._search(centroids, x)
         sizes = np.bincount(assignment, minlength=self.k).tolist()
-        return np.ascontiguousarray(centroids), {"moved_ids": moved, "drift": drift, "empty": empty, "sizes": sizes}
+        stats = {"moved_ids": moved, "drift": drift, "empty": empty, "sizes": sizes, "points": len(x)}
+        return np.ascontiguousarray(centroids), stats
 
     def _search(self, centroids: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         index = faiss.IndexFlatIP(self.dim) if self.spherical else faiss.IndexFlatL2(self.dim)
@@ -79,7 +84,8 @@ class ConceptBank:
 
         stats: moved_ids (ids whose Hungarian match to the previous fit was not themselves; 0 on the first fit),
         drift (mean 1 - cos(old_i, new_i) after matching; 0 on the first fit), empty (clusters faiss found empty and
-        re-seeded, summed over iterations), sizes (points per concept in the final assignment), seconds.
+        re-seeded, summed over iterations), sizes (points per concept in the final assignment), points (rows
+        clustered: all buffered rows, or a sample of 256 x k of them), seconds.
         """
         start = time.perf_counter()
         if local_embeddings.ndim != 2 or local_embeddings.shape[1] != self.dim:
@@ -87,16 +93,19 @@ class ConceptBank:
         x = local_embeddings.detach().float()
         if self.spherical:
             x = F.normalize(x, dim=1)
-        rows = dist.all_gather_rows(x)
-        mean = rows.mean(dim=0) if self.center and rows.shape[0] else torch.zeros(self.dim, device=rows.device)
-        self.mean = dist.broadcast(mean.contiguous()).cpu()  # rank 0's copy: bit-identical everywhere
-        rows = self._prepare(rows)
-        # Every rank sees the same gathered count, so every rank raises here together: no rank is left waiting.
-        if self.k > rows.shape[0]:
+        # faiss trains on at most POINTS_PER_CENTROID x k rows (it subsamples anything beyond), so each rank sends
+        # only its share of that to rank 0: memory and traffic stay flat as ranks and buffers grow.
+        x = self._subsample(x, math.ceil(POINTS_PER_CENTROID * self.k / dist.world_size()))
+        rows, total = dist.gather_rows(x)
+        # Every rank knows the gathered count, so every rank raises here together: no rank is left waiting.
+        if self.k > total:
             raise ValueError(
-                f"concepts.k={self.k} exceeds the {rows.shape[0]} teacher embeddings available for the fit "
+                f"concepts.k={self.k} exceeds the {total} teacher embeddings available for the fit "
                 "(lower concepts.k or raise concepts.warmup_steps / concepts.buffer_size)"
             )
+        mean = rows.mean(dim=0) if self.center and dist.is_main() else torch.zeros(self.dim, device=rows.device)
+        self.mean = dist.broadcast(mean.contiguous()).cpu()  # rank 0's: bit-identical everywhere
+        rows = self._prepare(rows)
         stats = None
         centroids = torch.empty(self.k, self.dim, dtype=torch.float32, device=x.device)
         if dist.is_main():
@@ -108,6 +117,14 @@ class ConceptBank:
         self.num_fits += 1
         stats["seconds"] = time.perf_counter() - start
         return stats
+
+    def _subsample(self, x: torch.Tensor, limit: int) -> torch.Tensor:
+        """At most `limit` rows of `x`, drawn without replacement by a generator seeded per (seed, fit, rank), so a
+        resumed run draws the same rows."""
+        if x.shape[0] <= limit:
+            return x
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.num_fits) * 65_537 + dist.rank())
+        return x[torch.randperm(x.shape[0], generator=gen)[:limit].to(x.device)]
 
     def _require_fitted(self) -> torch.Tensor:
         if self.centroids is None:

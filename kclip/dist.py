@@ -204,21 +204,42 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
-def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate tensors whose first dimension differs across ranks (no gradient), in rank order. Works for CPU
-    tensors under NCCL too (they travel through the communication device and come back)."""
-    if world_size() == 1:
-        return x
-    home, x = x.device, x.to(device())
+def _padded_rows(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """`x` on the communication device, zero-padded to the largest row count over ranks, and every rank's count."""
+    x = x.to(device())
     n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
     counts = [torch.zeros_like(n) for _ in range(world_size())]
     dist.all_gather(counts, n)
     counts = [int(c) for c in counts]
     padded = torch.zeros((max(counts), *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[: x.shape[0]] = x
+    return padded, counts
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors whose first dimension differs across ranks (no gradient), in rank order. Works for CPU
+    tensors under NCCL too (they travel through the communication device and come back)."""
+    if world_size() == 1:
+        return x
+    home = x.device
+    padded, counts = _padded_rows(x)
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)
     return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0).to(home)
+
+
+def gather_rows(x: torch.Tensor, dst: int = 0) -> tuple[torch.Tensor, int]:
+    """Like `all_gather_rows`, but only rank `dst` receives the rows (others get an empty tensor): memory for one
+    copy instead of one per rank. Also returns the total row count, known on every rank."""
+    if world_size() == 1:
+        return x, x.shape[0]
+    home = x.device
+    padded, counts = _padded_rows(x)
+    parts = [torch.empty_like(padded) for _ in counts] if rank() == dst else None
+    dist.gather(padded, parts, dst=dst)
+    if rank() != dst:
+        return x[:0], sum(counts)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0).to(home), sum(counts)
 
 
 def all_reduce_max(value: int) -> int:

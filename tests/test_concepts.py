@@ -54,6 +54,22 @@ def test_two_rank_fits():
         assert in_step and not fitted
 
 
+def _capped_fits():
+    """On 2 ranks, 1000 rows each but k=2: each rank sends only 256 (faiss would use at most 256 x k = 512)."""
+    from kclip import dist
+
+    x = torch.randn(1000, DIM, generator=torch.Generator().manual_seed(dist.rank()))
+    first, again = ConceptBank(2, DIM, seed=0), ConceptBank(2, DIM, seed=0)
+    return first.fit(x)["points"], first.centroids.numpy(), again.fit(x)["points"], again.centroids.numpy()
+
+
+def test_fit_gathers_at_most_256_rows_per_centroid_deterministically():
+    (points, c0, points_again, c0_again), (_, c1, _, _) = run_ranks(_capped_fits, timeout=120)
+    assert points == points_again == 512
+    np.testing.assert_array_equal(c0, c1)  # identical on every rank
+    np.testing.assert_array_equal(c0, c0_again)  # the sample is seeded: a resumed run draws the same rows
+
+
 def test_refit_from_random_starts_is_matched_back_to_the_same_ids():
     x, truth = _clustered()
     bank = ConceptBank(K, DIM, seed=0, warm_start=False)

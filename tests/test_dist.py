@@ -35,9 +35,12 @@ def test_plain_process_is_world_of_one():
 def _gather_rows():
     r = dist.rank()
     rows = torch.full((r + 1, 2), float(r))  # rank 0 has 1 row, rank 1 has 2
-    return dist.all_gather_rows(rows).tolist(), dist.all_reduce_max(10 * r + 1)
+    to_zero, total = dist.gather_rows(rows)
+    return dist.all_gather_rows(rows).tolist(), dist.all_reduce_max(10 * r + 1), to_zero.tolist(), total
 
 
 def test_all_gather_rows_handles_unequal_counts():
-    results = run_ranks(_gather_rows)
-    assert results[0] == results[1] == ([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]], 11)
+    (all0, max0, zero0, total0), (all1, max1, zero1, total1) = run_ranks(_gather_rows)
+    assert all0 == all1 == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]] and max0 == max1 == 11
+    assert zero0 == all0 and zero1 == []  # gather_rows: only rank 0 holds the rows...
+    assert total0 == total1 == 3  # ...but every rank knows how many there are
