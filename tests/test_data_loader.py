@@ -181,3 +181,13 @@ def test_resume_elastic_on_one_rank_with_same_global_batch(uninterrupted):
                 [set(a) | set(b) for a, b in zip(ids0[1], ids1[1])]]
     assert [[set(b) for b in epoch] for epoch in r_ids] == expected
     assert all(r_px[key] == {**px0, **px1}[key] for key in r_px)
+
+
+def test_truncation_is_flagged_exactly_at_the_limit():
+    from kclip.data.loader import tokenize
+    from kclip.tokenizers import load_tokenizer
+
+    # byte tokenizer: one id per byte + EOS, so a caption of 7 bytes fills max_len=8 exactly without truncation
+    ids, mask, truncated = tokenize(load_tokenizer("byte"), ["abcde", "abcdefg", "abcdefgh", "abcdefghijklmnop"], 8)
+    assert mask.sum(1).tolist() == [6, 8, 8, 8] and ids.shape == (4, 8)
+    assert truncated.tolist() == [0, 0, 1, 1]

@@ -143,15 +143,19 @@ def _resolve(tokenizer):
 def tokenize(tokenizer, captions: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, truncated): right-padded to the longest caption after truncation to `max_len`.
 
-    Truncation is detected from the untruncated length (special tokens included), since tokenizers differ in where
-    they put special tokens and only the tokenizer itself can truncate correctly.
+    Only a caption that comes out exactly `max_len` long can have been truncated; those few are tokenised again in
+    full to tell (tokenizers differ in where they put special tokens, so only the tokenizer itself can say).
     """
-    full = tokenizer(captions, add_special_tokens=True)["input_ids"]
     enc = tokenizer(
         captions, truncation=True, max_length=max_len, padding="longest", padding_side="right", return_tensors="pt"
     )
-    truncated = torch.tensor([len(ids) > max_len for ids in full], dtype=torch.long)
-    return enc["input_ids"].long(), enc["attention_mask"].long(), truncated
+    mask = enc["attention_mask"].long()
+    truncated = torch.zeros(len(captions), dtype=torch.long)
+    at_limit = (mask.sum(1) == max_len).nonzero().flatten().tolist()
+    if at_limit:
+        full = tokenizer([captions[i] for i in at_limit], add_special_tokens=True)["input_ids"]
+        truncated[at_limit] = torch.tensor([len(ids) > max_len for ids in full], dtype=torch.long)
+    return enc["input_ids"].long(), mask, truncated
 
 
 class Collate:
