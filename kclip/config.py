@@ -51,8 +51,9 @@ class TeacherConfig:
     normalize: bool = True
     max_len: int = 77
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
-    chunk_size: int = 64  # captions per teacher forward
-    bucket_by_length: bool = True  # sort captions by length so chunks carry little padding
+    chunk_size: int = 64  # rows per teacher forward: packed rows of max_len tokens, or single captions
+    packing: bool = True  # several captions per row (block-diagonal attention): no padding computed, fewer forwards
+    bucket_by_length: bool = True  # without packing: sort captions by length so chunks carry little padding
     offload: str = "none"  # none | cpu | nvme (ZeRO-3 parameter offload)
     nvme_path: str | None = None
     seed: int = 0  # for random_config

@@ -1,5 +1,6 @@
 """The frozen teacher: ZeRO-3 on 2 CPU ranks gives the single-process embeddings, holds only its shard, never hangs on
-uneven batches, does not leak partitioning into later models; bucketing; config derivation; the real small teacher."""
+uneven batches, does not leak partitioning into later models; packing and bucketing keep the embeddings; config
+derivation; the real small teacher."""
 import math
 import os
 import sys
@@ -12,7 +13,7 @@ from transformers import LlamaConfig, LlamaModel
 
 from kclip import fetch
 from kclip.config import StudentConfig, TeacherConfig
-from kclip.models.teacher import build_teacher, pack_right, pool, teacher_ds_config
+from kclip.models.teacher import build_teacher, pack_right, pack_rows, teacher_ds_config
 from kclip.tokenizers import load_tokenizer
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -42,7 +43,8 @@ def assert_close(actual, expected):
 
 
 def teacher_cfg(folder, **kw) -> TeacherConfig:
-    return TeacherConfig(path=folder, **{"chunk_size": 2, **kw})
+    """One caption per row unless a test asks for packing: the forward counts below are per caption chunk."""
+    return TeacherConfig(path=folder, **{"chunk_size": 2, "packing": False, **kw})
 
 
 def tokens(teacher, rows):
@@ -78,6 +80,9 @@ def _sharded_run(folder):
             out["persistent_numel"] = sum(p.ds_numel for p in params if p.ds_persist)
     unbucketed = build_teacher(teacher_cfg(folder, bucket_by_length=False))
     out["unbucketed"] = unbucketed.embed(*tokens(unbucketed, RANK_ROWS[r])).numpy()
+    packed = build_teacher(teacher_cfg(folder, packing=True, max_len=16))
+    out["packed"] = packed.embed(*tokens(packed, RANK_ROWS[r])).numpy()
+    out["packed_on"] = packed.packing
     offloaded = build_teacher(teacher_cfg(folder, offload="cpu"))
     out["offload_cpu"] = offloaded.embed(*tokens(offloaded, RANK_ROWS[r])).numpy()
 
@@ -147,9 +152,13 @@ def test_models_created_after_the_teacher_are_not_partitioned(sharded):
         assert res["later_hf_numel"] == sum(p.numel() for p in LlamaModel(LlamaConfig(**TINY_LLAMA)).parameters())
 
 
-def test_bucketing_and_cpu_offload_keep_embeddings(sharded, reference):
+def test_bucketing_packing_and_cpu_offload_keep_embeddings(sharded, reference, tiny_folder):
+    single = build_teacher(teacher_cfg(tiny_folder, max_len=16))
+    short = single.embed(*tokens(single, range(len(CAPTIONS))))
     for r, res in enumerate(sharded):
         assert_close(res["unbucketed"], torch.as_tensor(res["embeddings"]["mean_last_layer"]))
+        assert res["packed_on"]
+        assert_close(res["packed"], short[RANK_ROWS[r]])
         assert_close(res["offload_cpu"], reference["mean_last_layer"][RANK_ROWS[r]])
 
 
@@ -194,13 +203,33 @@ def test_padding_side_and_max_len(tiny_folder):
     torch.testing.assert_close(short.embed(ids, mask), t.embed(ids[:, :4], mask[:, :4]), atol=1e-5, rtol=0)
 
 
-def test_pool_formulas():
-    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
-    lengths = torch.tensor([1, 3])
-    torch.testing.assert_close(pool(hidden, lengths, "mean"), torch.stack([hidden[0, 0], hidden[1].mean(0)]))
-    torch.testing.assert_close(pool(hidden, lengths, "last"), torch.stack([hidden[0, 0], hidden[1, 2]]))
-    skipped = pool(hidden, lengths, "mean", start=torch.tensor([0, 1]))
-    torch.testing.assert_close(skipped, torch.stack([hidden[0, 0], hidden[1, 1:].mean(0)]))
+def test_pack_rows_is_first_fit_decreasing():
+    # longest first; each caption into the first row with room: 5+1 | 3+3 | 2
+    assert pack_rows(torch.tensor([5, 3, 3, 2, 1]), 6) == [[0, 4], [1, 2], [3]]
+    assert pack_rows(torch.tensor([4, 4]), 4) == [[0], [1]]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_packed_rows_give_each_caption_its_single_embedding(tiny_folder, reference, variant):
+    packed = build_teacher(teacher_cfg(tiny_folder, packing=True, chunk_size=64, **VARIANTS[variant]))
+    assert packed.packing  # the probe found that this model honours packed position ids
+    ids, mask = tokens(packed, range(len(CAPTIONS)))
+    assert_close(packed.embed(ids, mask), reference[variant])
+    # 132 tokens in rows of max_len=77: two rows (76 + 56 tokens), one forward, 20 padded tokens instead of 126.
+    lengths = mask.sum(1)
+    assert [int(lengths[row].sum()) for row in pack_rows(lengths, 77)] == [76, 56]
+    assert packed.forwards == 1 and packed.tokens_processed == 2 * 76
+    assert packed.tokens_padded == len(CAPTIONS) * int(lengths.max()) == 258
+
+
+def test_a_model_that_ignores_packed_positions_falls_back_to_single_rows(tiny_folder, reference, caplog):
+    teacher = build_teacher(teacher_cfg(tiny_folder, packing=True))
+    module_forward = teacher.module.forward
+    # A model whose attention ignores position ids (so captions in one row would see each other).
+    teacher.module.forward = lambda position_ids=None, **kw: module_forward(**kw)
+    assert teacher.check_packing() is False and not teacher.packing
+    assert "using length-bucketed chunks instead" in caplog.text
+    assert_close(teacher.embed(*tokens(teacher, range(len(CAPTIONS)))), reference["mean_last_layer"])
 
 
 def test_random_teacher_is_seeded_and_fingerprinted():
@@ -289,6 +318,17 @@ def test_real_small_teacher_embeddings_carry_meaning(layer):
     assert cos["a dog", "a banana"] < 0.99
 
 
+@pytest.mark.teacher_file
+def test_real_small_teacher_packed_equals_single_captions():
+    """SmolLM2 has a BOS token (skipped by mean pooling) and rotary positions: packing must restart both."""
+    packed = build_teacher(TeacherConfig(path=real_teacher_path(), layer=4, chunk_size=64))
+    assert packed.packing
+    ids, mask = packed.tokenize(CAPTIONS)
+    emb = packed.embed(ids, mask)
+    packed.packing = False
+    torch.testing.assert_close(emb, packed.embed(ids, mask), atol=1e-4, rtol=0)
+
+
 def _real_sharded_run(path):
     t = build_teacher(TeacherConfig(path=path, chunk_size=2))
     local = sum(p.ds_tensor.numel() for p in t.module.module.parameters())
@@ -310,8 +350,6 @@ def test_real_small_teacher_sharded_matches_single_process():
 def test_middle_layer_truncation_equals_the_full_models_hidden_state():
     """The teacher drops the layers after the pooled one; its embedding must equal pooling the full model's
     hidden_states[layer] (un-normed), for a middle layer and for the embedding layer."""
-    from kclip.models.teacher import pool
-
     kwargs = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=384, max_position_embeddings=64)
     torch.manual_seed(0)
@@ -325,5 +363,5 @@ def test_middle_layer_truncation_equals_the_full_models_hidden_state():
         ids, mask = teacher.tokenize(["a red dog", "two cats"])
         with torch.no_grad():
             hidden = full(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
-        expected = pool(hidden, mask.sum(1), "last")
+        expected = hidden[torch.arange(2), mask.sum(1) - 1]
         torch.testing.assert_close(teacher.embed(ids, mask), expected, atol=1e-5, rtol=1e-5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -27,6 +28,10 @@ POOLINGS = ("mean", "last")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 RANDOM_TEACHER_TOKENIZER = "byte"
+# Captions of different lengths whose packed and single embeddings `Teacher.check_packing` compares.
+PACKING_PROBE = ["a photo of a dog running on the grass", "two cats", "a red car parked by an old stone wall", "snow",
+                 "people"]
+log = logging.getLogger(__name__)
 # Keys of a model config that name where or with what it was saved, not what it computes.
 CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures")
 
@@ -186,18 +191,24 @@ def pack_right(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[t
     return input_ids.gather(1, order), attention_mask.gather(1, order)
 
 
-def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str, start: torch.Tensor | None = None) -> torch.Tensor:
-    """hidden [B, L, h] of right-padded rows with `lengths` [B] tokens each -> [B, h] float32.
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
-    mean: sum_{start <= t < len} hidden[t] / (len - start)  (start = 0 unless given per row);  last: hidden[len - 1].
-    """
-    hidden = hidden.float()
-    if pooling == "last":
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
-    start = torch.zeros_like(lengths) if start is None else start
-    t = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
-    keep = (t >= start[:, None]) & (t < lengths[:, None])
-    return (hidden * keep[..., None]).sum(1) / (lengths - start)[:, None].to(hidden.dtype)
+
+def pack_rows(lengths: torch.Tensor, capacity: int) -> list[list[int]]:
+    """Caption indices grouped into rows of at most `capacity` tokens, longest captions first, each into the first
+    row with room (first-fit decreasing: rows end up nearly full, so little padding is computed)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in torch.argsort(lengths, descending=True, stable=True).tolist():
+        n = int(lengths[i])
+        r = next((r for r, free in enumerate(room) if free >= n), len(rows))
+        if r == len(rows):
+            rows.append([])
+            room.append(capacity)
+        rows[r].append(i)
+        room[r] -= n
+    return rows
 
 
 class Teacher:
@@ -216,9 +227,37 @@ class Teacher:
         self.fingerprint = fingerprint
         self.sharded = sharded
         self.device = dist.device()
+        self.pad_id = tokenizer.pad_token_id
+        self.packing = cfg.packing
         self.tokens_processed = 0
         self.tokens_padded = 0
         self.forwards = 0
+
+    def check_packing(self) -> bool:
+        """Turn packing off (with a warning) unless this model honours packed sequences; returns the final setting.
+
+        Packing relies on the model deriving a block-diagonal mask from position ids (transformers' Llama family
+        does). A model that ignored them would let captions attend to each other and silently change every
+        embedding, so a few probe captions are embedded packed and alone, and must agree: their difference must be
+        small next to the distance between different captions (bf16 rounding passes, cross-caption attention not).
+        Collective when sharded (every rank probes, so all reach the same answer).
+        """
+        if not self.packing:
+            return False
+        ids, mask = self.tokenize(PACKING_PROBE)
+        counters = self.tokens_processed, self.tokens_padded, self.forwards
+        packed = self.embed(ids, mask)
+        self.packing = False
+        alone = self.embed(ids, mask)
+        self.tokens_processed, self.tokens_padded, self.forwards = counters
+        error = float((packed - alone).norm(dim=1).max())
+        separation = float(torch.pdist(alone).min())
+        self.packing = error < 0.05 * separation
+        if not self.packing:
+            log.warning("teacher: packed captions embed differently from single ones (difference %.3g vs %.3g between "
+                        "captions): this model ignores packed position ids; using length-bucketed chunks instead",
+                        error, separation)
+        return self.packing
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> (input_ids, attention_mask) [B, <= max_len], as `embed` takes them."""
@@ -226,11 +265,50 @@ class Teacher:
                              return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+                 ) -> torch.Tensor:
         self.forwards += 1
         # The module ends at the pooled layer (see `drop_layers_after`), so its last hidden state is that layer's.
-        out = self.module(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+        out = self.module(input_ids=ids.to(self.device), use_cache=False,
+                          attention_mask=None if mask is None else mask.to(self.device),
+                          position_ids=None if position_ids is None else position_ids.to(self.device))
         return out.last_hidden_state
+
+    def _forward_rows(self, rows: list[list[int]], ids: torch.Tensor, lengths: torch.Tensor, start: torch.Tensor,
+                      out: torch.Tensor) -> None:
+        """One forward over `rows` (each a list of caption indices laid end to end), pooled into `out`.
+
+        One caption per row: right-padded rows with an attention mask. Several: no mask, position ids restarting
+        at 0 for each caption, from which transformers builds a block-diagonal causal mask (packed sequences), so
+        a caption attends only to itself and gets the same hidden states as alone. The padding at a row's end is
+        one more such sequence that no caption sees. `owner` names, per token, the caption whose pooled embedding
+        it enters (-1: none), which serves both poolings: mean keeps every token after `start`, last only the last.
+        """
+        width = max(int(lengths[row].sum()) for row in rows)
+        packed = any(len(row) > 1 for row in rows)
+        x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        owner = torch.full((len(rows), width), -1, dtype=torch.long)
+        for r, row in enumerate(rows):
+            offset = 0
+            for c in row:
+                n = int(lengths[c])
+                x[r, offset : offset + n] = ids[c, :n]
+                mask[r, offset : offset + n] = 1
+                positions[r, offset : offset + n] = torch.arange(n)
+                first = offset + (int(start[c]) if self.cfg.pooling == "mean" else n - 1)
+                owner[r, first : offset + n] = c
+                offset += n
+            positions[r, offset:] = torch.arange(width - offset)
+        hidden = self._forward(x, None, positions) if packed else self._forward(x, mask)
+        self.tokens_processed += len(rows) * width
+        keep = (owner >= 0).flatten().to(self.device)
+        owner = owner.flatten().to(self.device)[keep]
+        sums = torch.zeros_like(out).index_add_(0, owner, hidden.reshape(-1, hidden.shape[-1])[keep].float())
+        counts = torch.bincount(owner, minlength=out.shape[0])
+        captions = torch.tensor([c for row in rows for c in row], device=self.device)
+        out[captions] = sums[captions] / counts[captions, None]
 
     def _mean_start(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Per row, 1 where mean pooling skips a leading BOS token, else 0.
@@ -249,10 +327,11 @@ class Teacher:
         """input_ids, attention_mask [B, L] (any padding side; B may be 0) -> float32 [B, hidden] on `self.device`.
 
         Pooling of hidden_states[layer]: mean over each caption's tokens (a leading BOS excluded, see `_mean_start`)
-        or its last token; then optional L2 normalisation. Captions run in chunks of `chunk_size`; with
-        `bucket_by_length` the chunks are formed after sorting by length and each is trimmed to its own longest
-        caption. Captions longer than `max_len` are truncated. Sharded, this is a collective: ranks agree on the
-        largest chunk count and the ones with fewer chunks run 1-token dummy forwards.
+        or its last token; then optional L2 normalisation. Captions longer than `max_len` are truncated.
+        Packed (`packing`), captions are laid end to end in rows of `max_len` tokens (`pack_rows`) and each forward
+        takes `chunk_size` rows. Otherwise each forward takes `chunk_size` captions, one per row, trimmed to the
+        longest of them; with `bucket_by_length` the captions are sorted by length first. Sharded, this is a
+        collective: ranks agree on the largest forward count and the ones with fewer run 1-token dummy forwards.
         """
         if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
             raise ValueError(f"embed: input_ids {tuple(input_ids.shape)} and attention_mask "
@@ -263,18 +342,17 @@ class Teacher:
             raise ValueError("embed: a caption has no tokens (attention_mask all zero)")
         n = ids.shape[0]
         start = self._mean_start(ids, lengths)
-        order = torch.argsort(lengths, descending=True, stable=True) if self.cfg.bucket_by_length else torch.arange(n)
-        chunks = [order[i : i + self.cfg.chunk_size] for i in range(0, n, self.cfg.chunk_size)]
+        if self.packing:
+            forwards = _chunks(pack_rows(lengths, self.cfg.max_len), self.cfg.chunk_size)
+        else:
+            order = torch.argsort(lengths, descending=True, stable=True) if self.cfg.bucket_by_length else torch.arange(n)
+            forwards = [[[int(i)] for i in chunk] for chunk in _chunks(order.tolist(), self.cfg.chunk_size)]
         # Agree on the number of forwards before the first one: a collective between forwards would pair up with
         # another rank's parameter all-gathers.
-        missing = (dist.all_reduce_max(len(chunks)) if self.sharded else len(chunks)) - len(chunks)
+        missing = (dist.all_reduce_max(len(forwards)) if self.sharded else len(forwards)) - len(forwards)
         out = torch.empty(n, self.hidden_size, dtype=torch.float32, device=self.device)
-        for rows in chunks:
-            width = int(lengths[rows].max())
-            hidden = self._forward(ids[rows, :width], mask[rows, :width])
-            emb = pool(hidden, lengths[rows].to(self.device), self.cfg.pooling, start[rows].to(self.device))
-            out[rows.to(self.device)] = emb
-            self.tokens_processed += len(rows) * width
+        for rows in forwards:
+            self._forward_rows(rows, ids, lengths, start, out)
         if n:
             self.tokens_padded += n * int(lengths.max())
         dummy = torch.ones(1, 1, dtype=torch.long)
@@ -315,6 +393,7 @@ def build_teacher(cfg: TeacherConfig, *, shard: bool | None = None) -> Teacher:
     else:
         module.to(dist.device())
     module.eval()
-    return Teacher(
-        module, tokenizer, cfg, hidden_size=model_config.hidden_size, fingerprint=_fingerprint(cfg, model_config, tokenizer, dtype), sharded=shard,
-    )
+    teacher = Teacher(module, tokenizer, cfg, hidden_size=model_config.hidden_size,
+                      fingerprint=_fingerprint(cfg, model_config, tokenizer, dtype), sharded=shard)
+    teacher.check_packing()
+    return teacher
