@@ -16,7 +16,8 @@ Memory per GPU (bf16 = 2 bytes per parameter), G = GPUs sharing one teacher copy
                         grads + 12 bytes/param of fp32 master and Adam states divided by W, plus activations of
                         the local batch (Megatron's estimate per layer and sample: s h (34 + 5 a s / h) bytes)
 Time per optimizer step (per GPU, all ranks in lockstep):
-    teacher forward     max(compute, communication) per forward (ZeRO-3 prefetch overlaps them), x forwards per step
+    teacher forward     max(compute, communication) per forward (ZeRO-3 prefetch overlaps them), x forwards per step;
+                        forwards = local batch x tokens per caption / (chunk x max_len): packed rows of max_len tokens
                         compute = 2 P x tokens / (peak x MFU_teacher); tokens = local batch x tokens per caption
                         communication = all-gather of the whole teacher, 2 P (G-1)/G bytes / bus bandwidth (NVLink
                         inside one node, the per-GPU network share across nodes) [+ 2 P / G bytes host->device with
@@ -111,7 +112,7 @@ def measured_figures() -> dict:
     teacher = RESULTS / "teacher_throughput.json"
     if teacher.is_file():
         t = json.loads(teacher.read_text())
-        out["computed_per_real_token"] = t["modes"]["bucketed"]["computed_per_real"]
+        out["computed_per_real_token"] = t["modes"]["packed"]["computed_per_real"]
     return out
 
 
@@ -148,7 +149,8 @@ def row(name: str, t: dict, st: dict, nodes: int, mode: str, global_batch: int, 
 
     peak = a["peak_tflops_bf16"] * 1e12
     tokens_per_caption = a["tokens_per_caption"] * a["computed_per_real_token"]
-    forwards = math.ceil(local / chunk)
+    # Packed (the default): rows of max_len tokens, `chunk` rows per forward, so one forward holds many captions.
+    forwards = math.ceil(local * tokens_per_caption / (chunk * max_len))
     busbw = (a["nvlink_busbw_gbs"] if nodes == 1 else a["network_busbw_gbs"]) * 1e9
     teacher_busbw = a["nvlink_busbw_gbs"] * 1e9 if group == 8 else busbw
     compute = 2 * t["params"] * (local / forwards) * tokens_per_caption / (peak * a["mfu_teacher"])

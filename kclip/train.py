@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,9 @@ from kclip.evaluate import evaluate_split
 from kclip.losses import KnowledgeCLIPLoss
 from kclip.metrics import MetricsLogger
 from kclip.models.knowledge_clip import KnowledgeCLIP
-from kclip.models.teacher import build_teacher
+from kclip.models.teacher import Teacher, build_teacher
 from kclip.schedule import lr_at
-from kclip.teacher_cache import embed_cached, open_cache
+from kclip.teacher_cache import TeacherCache, embed_cached, open_cache
 from kclip.tokenizers import load_tokenizer
 
 log = logging.getLogger("kclip.train")
@@ -192,6 +193,100 @@ def global_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(keys, stacked.tolist())}
 
 
+@dataclass
+class Run:
+    """What a training run holds besides the loop's own bookkeeping: built by `setup`, restored by `restore`,
+    checkpointed by `save`."""
+
+    cfg: Config
+    run_dir: Path
+    engine: object  # deepspeed.DeepSpeedEngine around KnowledgeCLIP
+    tokenizer: object
+    loader: object  # StreamingDataLoader over the training split
+    teacher: Teacher | None = None
+    cache: TeacherCache | None = None
+    bank: ConceptBank | None = None
+    buffer: EmbeddingBuffer | None = None
+    counters: dict = field(default_factory=lambda: {"skipped_nonfinite": 0, "replaced_samples": 0,
+                                                   "truncated_captions": 0, "samples": 0})
+    start_step: int = 0
+
+
+def setup(cfg: Config, run_dir: Path, *, load_universal: bool) -> Run:
+    """Teacher, student engine, loader, teacher cache and concept bank (collective)."""
+    import deepspeed
+
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    # The teacher loads first: its hidden size shapes the projector, and it unsets its ZeRO-3 context before the
+    # student is built, so the student is never partitioned.
+    teacher = build_teacher(cfg.teacher) if cfg.needs_teacher else None
+    tokenizer = teacher.tokenizer if cfg.student.tokenizer == "teacher" else load_tokenizer(cfg.student.tokenizer)
+    model = KnowledgeCLIP(cfg, tokenizer, teacher.hidden_size if teacher else None)
+    ds_config = student_ds_config(cfg)
+    if load_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds_config)
+    if cfg.train.compile:
+        engine.compile()
+    loader = build_loader(
+        cfg.data.train, batch_size=engine.train_micro_batch_size_per_gpu(), image_size=cfg.student.image_size,
+        train=True, student_tokenizer=tokenizer, student_max_len=cfg.student.text_max_len,
+        teacher_tokenizer=teacher.tokenizer if teacher else None, teacher_max_len=cfg.teacher.max_len,
+        seed=cfg.train.seed, shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
+        num_canonical_nodes=cfg.data.num_canonical_nodes,
+    )
+    run = Run(cfg, run_dir, engine, tokenizer, loader, teacher)
+    if teacher is not None and cfg.teacher.cache:
+        run.cache = open_cache(cfg, teacher, run_dir)
+    if cfg.loss.concept_weight > 0:
+        run.bank = ConceptBank(cfg.concepts.k, teacher.hidden_size, niter=cfg.concepts.niter, seed=cfg.concepts.seed,
+                               warm_start=cfg.concepts.warm_start, center=cfg.concepts.center)
+        run.buffer = EmbeddingBuffer(cfg.concepts.buffer_size)
+    return run
+
+
+def restore(run: Run, tag_dir: Path, *, elastic: bool, allow_config_change: bool) -> None:
+    """Continue from checkpoint `tag_dir`: weights, optimizer, step, sample order, counters, concepts; and, on the
+    same world size, every rank's RNG state and embedding buffer (so the run continues bit for bit)."""
+    engine_dir = checkpoint.universal_copy(tag_dir) if elastic else tag_dir
+    client, rank_state = checkpoint.load(run.engine, tag_dir, engine_dir)
+    changed = diff_configs(from_dict(client["config"]), run.cfg)
+    changed = [c for c in changed if not c.startswith(("train.steps", "checkpoint.", "log.", "eval.", "dist."))]
+    if changed and not allow_config_change:
+        raise TrainingError("resuming with a changed config (pass --allow-config-change to accept): " + "; ".join(changed))
+    run.start_step = client["step"]
+    run.loader.load_state_dict(client["loader"])
+    run.counters.update(client["counters"])
+    if run.bank is not None and client.get("concepts"):
+        run.bank.load_state_dict(client["concepts"])
+    if not elastic:
+        checkpoint.set_rng_state(rank_state["rng"])
+        if run.buffer is not None:
+            run.buffer.load_state_dict(rank_state["buffer"])
+    elif dist.is_main():
+        log.warning("elastic resume: saved on %d ranks, running on %d with the same global batch; the sample order "
+                    "continues exactly, per-rank RNG states and embedding buffers start afresh",
+                    client["world_size"], dist.world_size())
+
+
+def save(run: Run, step: int) -> None:
+    """Checkpoint after `step` steps (collective)."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    client_state = {
+        "step": step, "loader": run.loader.state_dict(), "counters": run.counters, "world_size": dist.world_size(),
+        "concepts": run.bank.state_dict() if run.bank is not None else None, "config": to_dict(run.cfg),
+        # Lets DeepSpeed convert this checkpoint to its universal format for a resume on another world size.
+        UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+    }
+    rank_state = {"rng": checkpoint.rng_state(), "buffer": run.buffer.state_dict() if run.buffer is not None else None}
+    if run.cache is not None:
+        run.cache.flush()
+    checkpoint.save(run.engine, run.run_dir / "checkpoints", step, client_state, rank_state, run.cfg.checkpoint.keep_last)
+
+
 def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_config_change: bool = False) -> dict:
     """Run training as configured; returns the final metrics. Call on every rank (config already validated)."""
     run_dir = Path(run_dir)
@@ -202,78 +297,14 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     dist.barrier()
-    seed_everything(cfg.train.seed)  # identical initial weights on every rank
-
-    # The teacher loads first: its hidden size shapes the projector, and it unsets its ZeRO-3 context before the
-    # student is built, so the student is never partitioned.
-    teacher = build_teacher(cfg.teacher) if cfg.needs_teacher else None
-    tokenizer = teacher.tokenizer if cfg.student.tokenizer == "teacher" else load_tokenizer(cfg.student.tokenizer)
-    model = KnowledgeCLIP(cfg, tokenizer, teacher.hidden_size if teacher else None)
-    import deepspeed
-    from deepspeed.checkpoint.constants import (
-        UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-    )
-
     tag_dir = checkpoint.resolve(run_dir, resume) if resume else None
     elastic = tag_dir is not None and checkpoint.saved_world_size(tag_dir) != world
-    ds_config = student_ds_config(cfg)
-    if elastic:
-        ds_config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds_config)
-    if cfg.train.compile:
-        engine.compile()
-    accum = engine.gradient_accumulation_steps()
-    loader = build_loader(
-        cfg.data.train, batch_size=engine.train_micro_batch_size_per_gpu(), image_size=cfg.student.image_size,
-        train=True, student_tokenizer=tokenizer, student_max_len=cfg.student.text_max_len,
-        teacher_tokenizer=teacher.tokenizer if teacher else None, teacher_max_len=cfg.teacher.max_len,
-        seed=cfg.train.seed, shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
-        num_canonical_nodes=cfg.data.num_canonical_nodes,
-    )
-    cache = None
-    if teacher is not None and cfg.teacher.cache:
-        cache = open_cache(cfg, teacher, run_dir)
-    loss_fn = KnowledgeCLIPLoss(cfg.loss)
-    bank = None
-    if cfg.loss.concept_weight > 0:
-        bank = ConceptBank(cfg.concepts.k, teacher.hidden_size, niter=cfg.concepts.niter, seed=cfg.concepts.seed,
-                           warm_start=cfg.concepts.warm_start, center=cfg.concepts.center)
-    buffer = EmbeddingBuffer(cfg.concepts.buffer_size) if bank is not None else None
-    counters = {"skipped_nonfinite": 0, "replaced_samples": 0, "truncated_captions": 0, "samples": 0}
-
-    start_step = 0
+    run = setup(cfg, run_dir, load_universal=elastic)
     if tag_dir is not None:
-        engine_dir = checkpoint.universal_copy(tag_dir) if elastic else tag_dir
-        client, rank_state = checkpoint.load(engine, tag_dir, engine_dir)
-        changed = diff_configs(from_dict(client["config"]), cfg)
-        changed = [c for c in changed if not c.startswith(("train.steps", "checkpoint.", "log.", "eval.", "dist."))]
-        if changed and not allow_config_change:
-            raise TrainingError("resuming with a changed config (pass --allow-config-change to accept): " + "; ".join(changed))
-        start_step = client["step"]
-        loader.load_state_dict(client["loader"])
-        counters.update(client["counters"])
-        if bank is not None and client.get("concepts"):
-            bank.load_state_dict(client["concepts"])
-        if not elastic:
-            checkpoint.set_rng_state(rank_state["rng"])
-            if buffer is not None:
-                buffer.load_state_dict(rank_state["buffer"])
-        elif dist.is_main():
-            log.warning("elastic resume: saved on %d ranks, running on %d with the same global batch; the sample order "
-                        "continues exactly, per-rank RNG states and embedding buffers start afresh",
-                        client["world_size"], world)
-
-    def save(step: int) -> None:
-        client_state = {
-            "step": step, "loader": loader.state_dict(), "counters": counters, "world_size": world,
-            "concepts": bank.state_dict() if bank is not None else None, "config": to_dict(cfg),
-            # Lets DeepSpeed convert this checkpoint to its universal format for a resume on another world size.
-            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
-        }
-        rank_state = {"rng": checkpoint.rng_state(), "buffer": buffer.state_dict() if buffer is not None else None}
-        if cache is not None:
-            cache.flush()
-        checkpoint.save(engine, run_dir / "checkpoints", step, client_state, rank_state, cfg.checkpoint.keep_last)
+        restore(run, tag_dir, elastic=elastic, allow_config_change=allow_config_change)
+    engine, teacher, cache, bank, buffer, counters = run.engine, run.teacher, run.cache, run.bank, run.buffer, run.counters
+    start_step, accum = run.start_step, engine.gradient_accumulation_steps()
+    loss_fn = KnowledgeCLIPLoss(cfg.loss)
 
     logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, config=to_dict(cfg), enabled=dist.is_main(),
                            wandb_project=cfg.log.wandb_project if cfg.log.wandb else None)
@@ -281,7 +312,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     if cfg.data.val:
         val_loader = build_loader(
             cfg.data.val, batch_size=cfg.eval.batch_size, image_size=cfg.student.image_size, train=False,
-            student_tokenizer=tokenizer, student_max_len=cfg.student.text_max_len, shuffle=False, num_workers=0,
+            student_tokenizer=run.tokenizer, student_max_len=cfg.student.text_max_len, shuffle=False, num_workers=0,
             label_columns=None,
         )
 
@@ -290,7 +321,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     if dist.is_main():
         preempted_marker.unlink(missing_ok=True)
     timer, window = Timer(), LogWindow()
-    batches = endless(loader)
+    batches = endless(run.loader)
     bad_streak = 0
     last_eval: dict = {}
     # Rank 0's progress bar: steps, ETA and the latest logged loss and throughput (sparser when logging to a file).
@@ -364,7 +395,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
             last_eval = evaluate_split(engine.module, val_loader, device)
             logger.log(step + 1, {f"eval/{k}": v for k, v in last_eval.items()})
         if stop.agreed() and step + 1 < cfg.train.steps:
-            save(step + 1)
+            save(run, step + 1)
             if dist.is_main():
                 # The SLURM script requeues the job when it finds this marker.
                 preempted_marker.write_text(f"step={step + 1}\n")
@@ -373,10 +404,10 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
             progress.close()
             return {"counters": counters, "eval": last_eval, "preempted_at": step + 1}
         if (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.train.steps:
-            save(step + 1)
+            save(run, step + 1)
 
     if start_step < cfg.train.steps or not resume:
-        save(cfg.train.steps)
+        save(run, cfg.train.steps)
     if val_loader is not None:
         last_eval = evaluate_split(engine.module, val_loader, device)
         logger.log(cfg.train.steps, {f"eval/{k}": v for k, v in last_eval.items()})
