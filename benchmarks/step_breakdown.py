@@ -223,7 +223,7 @@ def main() -> None:
             common = base_overrides(steps) + args.overrides
             kclip_runs.append(train_run(f"kclip_{r}", args.config, common + cache, work, env, args.timeout))
             plain_runs.append(train_run(f"plain_{r}", args.config, common + PLAIN, work, env, args.timeout))
-        meta = next((work / "teacher_cache").glob("*/meta.json"))
+        meta = next((work / "teacher_cache").glob("*/node0/meta.json"))
         teacher_dim = json.loads(meta.read_text())["dim"]
     micro = student_phases(args.config, args.overrides, teacher_dim, args.micro_iters, fits=3)
     total_s = time.perf_counter() - started

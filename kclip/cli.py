@@ -33,6 +33,19 @@ def call_collective(fn, *args, known_errors: tuple[type[Exception], ...] = (), *
         return None, fail(lost, 1)
 
 
+def load_run_config(config: str, overrides: list[str]):
+    """The config of a run on the ranks this launch will start, validated before any process group exists; raises
+    ConfigError naming the first impossible key."""
+    from kclip import dist
+    from kclip.config import load_config
+    from kclip.validate import validate
+
+    cfg = load_config(config, overrides)
+    dist.map_launcher_env()
+    validate(cfg, int(os.environ["WORLD_SIZE"]))
+    return cfg
+
+
 def train_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kclip train", description="Train a Knowledge-CLIP student.")
     parser.add_argument("--config", required=True, help="named config (demo, smoke, cc3m-llama2-7b-vitb16) or a YAML file")
@@ -44,13 +57,9 @@ def train_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from kclip import dist
-    from kclip.config import load_config
-    from kclip.validate import validate
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        dist.map_launcher_env()
-        validate(cfg, int(os.environ["WORLD_SIZE"]))
+        cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
         return fail(str(e), 2)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -57,15 +56,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value, as for kclip train")
     args = parser.parse_args(argv)
 
-    from kclip.cli import call_collective, fail
-    from kclip.config import load_config
+    from kclip.cli import call_collective, fail, load_run_config
     from kclip.teacher_cache import TeacherCacheError
-    from kclip.validate import validate
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        dist.map_launcher_env()
-        validate(cfg, int(os.environ["WORLD_SIZE"]))
+        cfg = load_run_config(args.config, args.overrides)
         if not cfg.needs_teacher:
             raise ConfigError("teacher-cache: this config uses no teacher (loss.distill_weight and loss.concept_weight are 0)")
         if not cfg.teacher.cache:
