@@ -1,8 +1,9 @@
 """Concept bank: spherical k-means centroids over teacher caption embeddings, and the soft labels they induce.
 
 The fit is collective: rank 0 gathers up to 256 x k rows sampled from all ranks' buffers, clusters them with faiss
-(seeded, so deterministic) and broadcasts the centroids, so every rank holds bit-identical ones. A re-fit is matched to the previous centroids (Hungarian
-assignment on cosine similarity) so concept ids, which the concept heads are trained against, stay stable.
+(seeded, so deterministic) and broadcasts the centroids, so every rank holds bit-identical ones. A re-fit is matched
+to the previous centroids (Hungarian assignment on cosine similarity) so concept ids, which the concept heads are
+trained against, stay stable.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from kclip import dist
 
 # faiss's default cap on training points per centroid; anything beyond it faiss would subsample away.
 POINTS_PER_CENTROID = 256
+
 
 def _match_to_previous(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, int, float]:
     """Permutation `perm` maximising sum_i cos(old_i, new_perm[i]); also the number of ids not matched to themselves

@@ -119,7 +119,7 @@ def init(timeout_s: float = 600.0) -> None:
     import deepspeed
 
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(local_rank())
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
     if world_size() > 1:
         _heartbeat = Heartbeat()

@@ -119,8 +119,8 @@ class TeacherCache:
         source = torch.full_like(index, dist.rank())
         rows = dist.all_gather_rows(torch.stack([index.cpu(), source.cpu()], dim=1))
         embs = dist.all_gather_rows(emb.detach().float())
-        mine = (rows[:, 1] % dist.local_world_size() == dist.local_rank()).to(embs.device)
-        self.store(rows[mine.cpu(), 0], embs[mine])
+        mine = rows[:, 1] % dist.local_world_size() == dist.local_rank()
+        self.store(rows[mine, 0], embs[mine.to(embs.device)])
 
     def flush(self) -> None:
         self.emb.flush()

@@ -50,6 +50,15 @@ def _clean_stale_shm_once() -> None:
         _cleaned_shm = True
 
 
+def _before_first_dataset(data_dir: str) -> None:
+    """Checks and environment every StreamingDataset here needs: an MDS folder, the launcher's variables mapped to
+    the ones streaming reads, and stale shared memory of crashed runs removed."""
+    if not os.path.isfile(os.path.join(data_dir, "index.json")):
+        raise FileNotFoundError(f"not an MDS folder (no index.json): {data_dir}")
+    map_launcher_env()
+    _clean_stale_shm_once()
+
+
 def _worker_start_method(num_workers: int) -> str | None:
     """Fork workers where the OS can: they only decode and tokenise on the CPU, and a forked worker starts in
     milliseconds, while a spawned one (the default inside spawned processes, and forkserver on Python 3.14+)
@@ -211,10 +220,7 @@ def build_caption_loader(data_dir: str, *, batch_size: int, tokenizer, max_len: 
                          num_workers: int = 2) -> StreamingDataLoader:
     """Every caption of `data_dir` once, in index order, split across ranks (streaming repeats a few samples so that
     ranks get equal counts; the last batch may be partial)."""
-    if not os.path.isfile(os.path.join(data_dir, "index.json")):
-        raise FileNotFoundError(f"not an MDS folder (no index.json): {data_dir}")
-    map_launcher_env()
-    _clean_stale_shm_once()
+    _before_first_dataset(data_dir)
     return StreamingDataLoader(
         CaptionDataset(data_dir, batch_size=batch_size), batch_size=batch_size,
         collate_fn=CaptionCollate(tokenizer, max_len), num_workers=num_workers,
@@ -246,10 +252,7 @@ def build_loader(
 
     Keep `seed`, `shuffle` and `num_canonical_nodes` fixed across a run and its resumptions: they define the order.
     """
-    if not os.path.isfile(os.path.join(data_dir, "index.json")):
-        raise FileNotFoundError(f"not an MDS folder (no index.json): {data_dir}")
-    map_launcher_env()
-    _clean_stale_shm_once()
+    _before_first_dataset(data_dir)
     label_columns = tuple(label_columns or ())
     dataset = CaptionImageDataset(
         data_dir,

@@ -23,6 +23,8 @@ from kclip.config import TeacherConfig
 from kclip.ds_config import load_template
 from kclip.tokenizers import load_tokenizer, split_gguf
 
+log = logging.getLogger(__name__)
+
 DS_TEMPLATES = {"none": "teacher_zero3", "cpu": "teacher_zero3_offload_cpu", "nvme": "teacher_zero3_offload_nvme"}
 POOLINGS = ("mean", "last")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -31,7 +33,6 @@ RANDOM_TEACHER_TOKENIZER = "byte"
 # Captions of different lengths whose packed and single embeddings `Teacher.check_packing` compares.
 PACKING_PROBE = ["a photo of a dog running on the grass", "two cats", "a red car parked by an old stone wall", "snow",
                  "people"]
-log = logging.getLogger(__name__)
 # Keys of a model config that name where or with what it was saved, not what it computes.
 CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures")
 
