@@ -172,7 +172,7 @@ def run(args) -> dict:
         c = time.perf_counter()
         out = engine(pixels, text_ids, text_mask)
         total, _ = loss_fn(image_emb=out["image_emb"], text_emb=out["text_emb"], logit_scale=out["logit_scale"],
-                           distill_pred=out.get("distill_pred"), teacher_emb=teacher_emb,
+                           distill_pred=out.get("distill_pred"), teacher_target=teacher_emb,
                            concept_logits=out.get("concept_logits"), soft_labels=soft)
         engine.backward(total)
         engine.step()

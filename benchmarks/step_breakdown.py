@@ -144,7 +144,7 @@ def student_phases(config: str, overrides: list[str], teacher_dim: int, iters: i
     for i in range(iters + 2):
         for name in order if i % 2 == 0 else order[::-1]:
             engine = engines[name]
-            extra = {"teacher_emb": teacher_emb, "soft_labels": soft_labels} if name == "kclip" else {}
+            extra = {"teacher_target": teacher_emb, "soft_labels": soft_labels} if name == "kclip" else {}
             t0 = time.perf_counter()
             out = engine(batch["pixels"], batch["input_ids"], batch["attention_mask"])
             total, _ = losses[name](image_emb=out["image_emb"], text_emb=out["text_emb"],

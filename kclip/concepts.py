@@ -81,8 +81,13 @@ class ConceptBank:
         scores, ids = index.search(x, 1)
         return scores[:, 0], ids[:, 0]
 
-    def fit(self, local_embeddings: torch.Tensor) -> dict:
+    def fit(self, local_embeddings: torch.Tensor, mean: torch.Tensor | None = None) -> dict:
         """Collective (every rank calls it): fit on the rows of all ranks and return the stats (same on all ranks).
+
+        `mean` (identical on every rank): what to centre on, i.e. the running teacher mean that the distillation
+        target is centred with (`TeacherStats.mean`), so concepts and distillation live in one space. Without it the
+        bank centres on the mean of the rows it clusters. Either way the mean is a snapshot taken at the fit: the
+        centroids are defined relative to it, and moving it between fits would shift every soft label.
 
         stats: moved_ids (ids whose Hungarian match to the previous fit was not themselves; 0 on the first fit),
         drift (mean 1 - cos(old_i, new_i) after matching; 0 on the first fit), empty (clusters faiss found empty and
@@ -92,9 +97,9 @@ class ConceptBank:
         start = time.perf_counter()
         if local_embeddings.ndim != 2 or local_embeddings.shape[1] != self.dim:
             raise ValueError(f"concept bank expects [n, {self.dim}] embeddings, got {list(local_embeddings.shape)}")
+        # Raw rows, prepared below exactly as `soft_labels` prepares them (centre, then normalise): normalising before
+        # centring here would fit centroids in a different space from the one the labels are computed in.
         x = local_embeddings.detach().float()
-        if self.spherical:
-            x = F.normalize(x, dim=1)
         # faiss trains on at most POINTS_PER_CENTROID x k rows (it subsamples anything beyond), so each rank sends
         # only its share of that to rank 0: memory and traffic stay flat as ranks and buffers grow.
         x = self._subsample(x, math.ceil(POINTS_PER_CENTROID * self.k / dist.world_size()))
@@ -105,8 +110,13 @@ class ConceptBank:
                 f"concepts.k={self.k} exceeds the {total} teacher embeddings available for the fit "
                 "(lower concepts.k or raise concepts.warmup_steps / concepts.buffer_size)"
             )
-        mean = rows.mean(dim=0) if self.center and dist.is_main() else torch.zeros(self.dim, device=rows.device)
-        self.mean = dist.broadcast(mean.contiguous()).cpu()  # rank 0's: bit-identical everywhere
+        if not self.center:
+            self.mean = torch.zeros(self.dim)
+        elif mean is not None:
+            self.mean = mean.detach().float().cpu().clone()
+        else:
+            own = rows.mean(dim=0) if dist.is_main() else torch.zeros(self.dim, device=rows.device)
+            self.mean = dist.broadcast(own.contiguous()).cpu()  # rank 0's: bit-identical everywhere
         rows = self._prepare(rows)
         stats = None
         centroids = torch.empty(self.k, self.dim, dtype=torch.float32, device=x.device)

@@ -67,7 +67,9 @@ class LossConfig:
     distill_weight: float = 1.0
     concept_weight: float = 0.01
     contrastive_weight: float = 1.0
-    distill_kind: str = "cosine"  # cosine | mse (on L2-normalised vectors)
+    distill_kind: str = "cosine"  # cosine | mse (row-wise) | relational | contrastive (over the gathered batch)
+    distill_target: str = "raw"  # raw | centered | whitened: the teacher embedding minus its running mean (whitened)
+    distill_tau: float = 0.1  # temperature of the relational and contrastive forms
     local_loss: bool = False  # local rows x global columns instead of the full global logits
     contrastive_chunk: int = 0  # >0: chunked (tiled) contrastive loss over blocks of this many columns
 

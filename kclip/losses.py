@@ -124,13 +124,18 @@ def contrastive_loss(
     return symmetric_infonce(image_all, text_all, image_all, text_all, logit_scale, chunk_size=chunk_size)
 
 
+DISTILL_KINDS = ("cosine", "mse", "relational", "contrastive")
+
+
 def distillation_loss(projected: torch.Tensor, teacher_emb: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
-    """Pull the projected student text embedding towards the teacher's pooled caption embedding.
+    """Pull each projected student text embedding towards its own teacher target (rows are independent).
 
     cosine: mean_i (1 - cos(p_i, t_i)).
     mse:    mean_i || p_i/|p_i| - t_i/|t_i| ||^2, summed over dimensions so the scale does not shrink with the
             teacher's width. On unit vectors this equals 2 * (1 - cos): the same direction of descent as `cosine`,
             twice the gradient.
+    Both are satisfied by a constant prediction to the extent that the targets share a direction: use centred
+    targets (`TeacherStats`) or a batch-level form below when they do.
     """
     p, t = projected.float(), teacher_emb.float()
     if kind == "cosine":
@@ -138,6 +143,64 @@ def distillation_loss(projected: torch.Tensor, teacher_emb: torch.Tensor, kind: 
     if kind == "mse":
         return (F.normalize(p, dim=-1) - F.normalize(t, dim=-1)).pow(2).sum(dim=-1).mean()
     raise ValueError(f"loss.distill_kind={kind!r} must be 'cosine' or 'mse'")
+
+
+def relational_distillation(student_rows: torch.Tensor, student_cols: torch.Tensor, teacher_rows: torch.Tensor,
+                            teacher_cols: torch.Tensor, tau: float, offset: int) -> torch.Tensor:
+    """KL(teacher || student) between each caption's similarity distributions over the other captions of the batch.
+
+    p^T_ij = softmax_j(cos(t_i, t_j) / tau), p^S_ij = softmax_j(cos(s_i, s_j) / tau) over the gathered columns j,
+    leaving out j = i (a caption's similarity to itself is 1 for both and says nothing); loss = mean_i KL(p^T_i || p^S_i)
+    (CLIP-KD's affinity mimicking, applied to the text side). Row i of this rank is column `offset + i`.
+    Student and teacher may have different widths: only similarities are compared. A constant student gives
+    uniform p^S, which scores log(N - 1) - H(p^T): no better than chance.
+    """
+    with torch.autocast(student_rows.device.type, enabled=False):
+        s_rows, s_cols = F.normalize(student_rows.float(), dim=-1), F.normalize(student_cols.float(), dim=-1)
+        t_rows, t_cols = F.normalize(teacher_rows.float(), dim=-1), F.normalize(teacher_cols.float(), dim=-1)
+        self_mask = torch.zeros(s_rows.shape[0], s_cols.shape[0], dtype=torch.bool, device=s_rows.device)
+        self_mask[torch.arange(s_rows.shape[0]), offset + torch.arange(s_rows.shape[0])] = True
+        log_p_student = torch.log_softmax((s_rows @ s_cols.T / tau).masked_fill(self_mask, float("-inf")), dim=1)
+        log_p_teacher = torch.log_softmax((t_rows @ t_cols.T / tau).masked_fill(self_mask, float("-inf")), dim=1)
+        kl = torch.exp(log_p_teacher) * (log_p_teacher - log_p_student)
+        return kl.masked_fill(self_mask, 0.0).sum(dim=1).mean()
+
+
+def contrastive_distillation(pred_rows: torch.Tensor, pred_cols: torch.Tensor, teacher_rows: torch.Tensor,
+                             teacher_cols: torch.Tensor, tau: float) -> torch.Tensor:
+    """Symmetric InfoNCE between projected student text embeddings and their teacher targets over the gathered batch:
+    each prediction must pick its own caption's target among every caption's, and vice versa (CLIP-KD's
+    interactive contrastive loss). A constant prediction scores log N: only what differs between captions pays."""
+    scale = torch.tensor(1.0 / tau, device=pred_rows.device)
+    return symmetric_infonce(F.normalize(pred_rows.float(), dim=-1), F.normalize(teacher_rows.float(), dim=-1),
+                             F.normalize(pred_cols.float(), dim=-1), F.normalize(teacher_cols.float(), dim=-1), scale)
+
+
+def distillation_term(kind: str, student: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+    """The distillation loss of `kind` for this rank's rows against the batch gathered over all ranks.
+
+    student: this rank's projected text embeddings (cosine, mse, contrastive) or text embeddings (relational);
+    target: this rank's teacher targets. Row-wise kinds need no gather. Gradients flow through the gathered student
+    rows, so DeepSpeed's average over ranks gives exactly the gradient of the global mean loss (as in
+    `contrastive_loss`)."""
+    if kind in ("cosine", "mse"):
+        return distillation_loss(student, target, kind)
+    student_all = dist.all_gather_with_grad(student)
+    target_all = dist.all_gather_with_grad(target.detach())
+    if kind == "relational":
+        return relational_distillation(student, student_all, target, target_all, tau, dist.rank() * student.shape[0])
+    if kind == "contrastive":
+        return contrastive_distillation(student, student_all, target, target_all, tau)
+    raise ValueError(f"loss.distill_kind={kind!r} must be one of {DISTILL_KINDS}")
+
+
+@torch.no_grad()
+def distillation_mean_baseline(kind: str, target: torch.Tensor, tau: float) -> torch.Tensor:
+    """What `distillation_term` would score if every prediction were the mean target of the global batch: the bar a
+    student must clear to have learnt anything about the individual caption. With raw decoder-LM targets this is
+    already ~0.06 for the cosine form (they share one direction); centred, or in a batch-level form, it is chance."""
+    mean = dist.all_reduce_sum(target.float().sum(dim=0)) / (target.shape[0] * dist.world_size())
+    return distillation_term(kind, mean.expand_as(target).contiguous(), target, tau)
 
 
 def concept_loss(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor:
@@ -150,10 +213,13 @@ def concept_loss(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tenso
 
 
 class KnowledgeCLIPLoss:
-    """alpha * distillation + beta * mean_heads(concept_head) + gamma * contrastive, from a `LossConfig`.
+    """alpha * distillation + beta * sum_heads(concept_head) + gamma * contrastive, from a `LossConfig`.
 
+    beta weighs each concept head: the paper's classifier is the joint head alone, and with heads=[joint] this is its
+    loss exactly; extra heads (image, text) add their own terms instead of diluting the joint one to beta / 3.
     A term whose weight is 0 is never computed (its inputs may be None; with contrastive_weight 0 no gather runs).
     Concept terms are also skipped while `soft_labels` is None, i.e. before the concept bank's first fit.
+    `teacher_target` is the teacher embedding in the distillation target space (`TeacherStats`, L2-normalised).
     """
 
     def __init__(self, cfg: LossConfig):
@@ -166,12 +232,12 @@ class KnowledgeCLIPLoss:
         text_emb: torch.Tensor | None = None,
         logit_scale: torch.Tensor | None = None,
         distill_pred: torch.Tensor | None = None,
-        teacher_emb: torch.Tensor | None = None,
+        teacher_target: torch.Tensor | None = None,
         concept_logits: dict[str, torch.Tensor] | None = None,
         soft_labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return (total, terms): terms holds detached float32 values under `contrastive`, `distill`,
-        `concept/<head>` and `concept` (the mean over heads) for the terms that ran."""
+        `distill/mean_baseline`, `concept/<head>` and `concept` (the mean over heads) for the terms that ran."""
         cfg = self.cfg
         weighted, terms = [], {}
         if cfg.contrastive_weight > 0:
@@ -183,19 +249,22 @@ class KnowledgeCLIPLoss:
             weighted.append(cfg.contrastive_weight * value)
             terms["contrastive"] = value
         if cfg.distill_weight > 0:
-            if distill_pred is None or teacher_emb is None:
-                raise ValueError("loss.distill_weight > 0 needs distill_pred and teacher_emb")
-            value = distillation_loss(distill_pred, teacher_emb, cfg.distill_kind)
+            student = text_emb if cfg.distill_kind == "relational" else distill_pred
+            if student is None or teacher_target is None:
+                raise ValueError(f"loss.distill_weight > 0 with distill_kind={cfg.distill_kind} needs "
+                                 f"{'text_emb' if cfg.distill_kind == 'relational' else 'distill_pred'} and teacher_target")
+            value = distillation_term(cfg.distill_kind, student, teacher_target, cfg.distill_tau)
             weighted.append(cfg.distill_weight * value)
             terms["distill"] = value
+            terms["distill/mean_baseline"] = distillation_mean_baseline(cfg.distill_kind, teacher_target, cfg.distill_tau)
         if cfg.concept_weight > 0 and soft_labels is not None:
             if not concept_logits:
                 raise ValueError("loss.concept_weight > 0 needs concept_logits once soft labels exist")
             per_head = {head: concept_loss(logits, soft_labels) for head, logits in concept_logits.items()}
-            value = torch.stack(list(per_head.values())).mean()
-            weighted.append(cfg.concept_weight * value)
+            stacked = torch.stack(list(per_head.values()))
+            weighted.append(cfg.concept_weight * stacked.sum())
             terms.update({f"concept/{head}": v for head, v in per_head.items()})
-            terms["concept"] = value
+            terms["concept"] = stacked.mean()
         if not weighted:
             raise ValueError("every loss term is disabled or lacks inputs: nothing to optimise")
         total = torch.stack(weighted).sum()

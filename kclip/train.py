@@ -37,6 +37,7 @@ from kclip.models.knowledge_clip import KnowledgeCLIP
 from kclip.models.teacher import Teacher, build_teacher
 from kclip.schedule import lr_at
 from kclip.teacher_cache import TeacherCache, embed_cached, open_cache
+from kclip.teacher_stats import TeacherStats, normalized_target
 from kclip.tokenizers import load_tokenizer
 
 log = logging.getLogger("kclip.train")
@@ -205,6 +206,7 @@ class Run:
     loader: object  # StreamingDataLoader over the training split
     teacher: Teacher | None = None
     cache: TeacherCache | None = None
+    stats: TeacherStats | None = None
     bank: ConceptBank | None = None
     buffer: EmbeddingBuffer | None = None
     counters: dict = field(default_factory=lambda: {"skipped_nonfinite": 0, "replaced_samples": 0,
@@ -236,8 +238,10 @@ def setup(cfg: Config, run_dir: Path, *, load_universal: bool) -> Run:
         num_canonical_nodes=cfg.data.num_canonical_nodes,
     )
     run = Run(cfg, run_dir, engine, tokenizer, loader, teacher)
-    if teacher is not None and cfg.teacher.cache:
-        run.cache = open_cache(cfg, teacher, run_dir)
+    if teacher is not None:
+        run.stats = TeacherStats(teacher.hidden_size, cfg.loss.distill_target)
+        if cfg.teacher.cache:
+            run.cache = open_cache(cfg, teacher, run_dir)
     if cfg.loss.concept_weight > 0:
         run.bank = ConceptBank(cfg.concepts.k, teacher.hidden_size, niter=cfg.concepts.niter, seed=cfg.concepts.seed,
                                warm_start=cfg.concepts.warm_start, center=cfg.concepts.center)
@@ -259,6 +263,8 @@ def restore(run: Run, tag_dir: Path, *, elastic: bool, allow_config_change: bool
     run.counters.update(client["counters"])
     if run.bank is not None and client.get("concepts"):
         run.bank.load_state_dict(client["concepts"])
+    if run.stats is not None:
+        run.stats.load_state_dict(client["teacher_stats"])
     if not elastic:
         checkpoint.set_rng_state(rank_state["rng"])
         if run.buffer is not None:
@@ -278,6 +284,7 @@ def save(run: Run, step: int) -> None:
     client_state = {
         "step": step, "loader": run.loader.state_dict(), "counters": run.counters, "world_size": dist.world_size(),
         "concepts": run.bank.state_dict() if run.bank is not None else None, "config": to_dict(run.cfg),
+        "teacher_stats": run.stats.state_dict() if run.stats is not None else None,
         # Lets DeepSpeed convert this checkpoint to its universal format for a resume on another world size.
         UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
     }
@@ -303,6 +310,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     if tag_dir is not None:
         restore(run, tag_dir, elastic=elastic, allow_config_change=allow_config_change)
     engine, teacher, cache, bank, buffer, counters = run.engine, run.teacher, run.cache, run.bank, run.buffer, run.counters
+    stats = run.stats
     start_step, accum = run.start_step, engine.gradient_accumulation_steps()
     loss_fn = KnowledgeCLIPLoss(cfg.loss)
 
@@ -337,10 +345,13 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
                 batch = next(batches)
             counters["replaced_samples"] += int(batch["replaced"].sum())
             counters["truncated_captions"] += int(batch["truncated"].sum())
-            teacher_emb = soft_labels = None
+            teacher_target = soft_labels = None
             if teacher is not None:
                 with timer("teacher_ms"):
                     teacher_emb = embed_cached(teacher, cache, batch).to(device)
+                # Every rank adds the same gathered batch, so the statistics stay identical without another collective.
+                stats.update(dist.all_gather_rows(teacher_emb))
+                teacher_target = normalized_target(stats, teacher_emb)
                 if bank is not None:
                     buffer.add(teacher_emb)
                     if bank.fitted:
@@ -349,7 +360,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
                 out = engine(batch["pixels"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device))
                 total, terms = loss_fn(
                     image_emb=out["image_emb"], text_emb=out["text_emb"], logit_scale=out["logit_scale"],
-                    distill_pred=out.get("distill_pred"), teacher_emb=teacher_emb,
+                    distill_pred=out.get("distill_pred"), teacher_target=teacher_target,
                     concept_logits=out.get("concept_logits"), soft_labels=soft_labels,
                 )
                 # All ranks must take the same branch, or the gradient all-reduce would hang: agree on finiteness.
@@ -374,7 +385,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
         fit_stats = None
         if bank is not None and concept_fit_due(step, cfg):
             with timer("kmeans_ms"):
-                fit_stats = bank.fit(buffer.tensor())
+                fit_stats = bank.fit(buffer.tensor(), mean=stats.mean)
 
         if (step + 1) % cfg.log.every == 0 or step + 1 == cfg.train.steps or fit_stats is not None:
             phase_ms = timer.pop(per=window.micro_batches)

@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from kclip.config import Config, ConfigError
+from kclip.losses import DISTILL_KINDS
 from kclip.models.heads import CONCEPT_HEAD_KINDS
+from kclip.teacher_stats import TARGETS
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -72,7 +74,10 @@ def validate(cfg: Config, world_size: int, *, cuda: bool | None = None) -> None:
     choices("teacher.dtype", cfg.teacher.dtype, ("auto", "fp32", "bf16"))
     if cfg.teacher.dtype == "bf16" and not cuda:
         raise ConfigError("teacher.dtype: bf16 teacher needs a CUDA device; use auto or fp32 here")
-    choices("loss.distill_kind", lo.distill_kind, ("cosine", "mse"))
+    choices("loss.distill_kind", lo.distill_kind, DISTILL_KINDS)
+    choices("loss.distill_target", lo.distill_target, TARGETS)
+    if lo.distill_tau <= 0:
+        raise ConfigError(f"loss.distill_tau: must be > 0, got {lo.distill_tau}")
     for key in ("distill_weight", "concept_weight", "contrastive_weight"):
         if getattr(lo, key) < 0:
             raise ConfigError(f"loss.{key}: must be >= 0")

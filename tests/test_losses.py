@@ -139,7 +139,8 @@ def _combiner_inputs():
     txt = F.normalize(torch.randn(4, 8, generator=g), dim=1).requires_grad_()
     return dict(
         image_emb=img, text_emb=txt, logit_scale=torch.tensor(10.0),
-        distill_pred=torch.randn(4, 16, generator=g, requires_grad=True), teacher_emb=torch.randn(4, 16, generator=g),
+        distill_pred=torch.randn(4, 16, generator=g, requires_grad=True),
+        teacher_target=F.normalize(torch.randn(4, 16, generator=g), dim=1),
         concept_logits={h: torch.randn(4, 5, generator=g, requires_grad=True) for h in ("image", "text", "joint")},
         soft_labels=torch.softmax(torch.randn(4, 5, generator=g), dim=1),
     )
@@ -150,11 +151,13 @@ def test_combiner_weighted_sum_and_terms():
     total, terms = KnowledgeCLIPLoss(LossConfig(distill_weight=1.0, concept_weight=0.01, contrastive_weight=2.0))(
         **inputs
     )
-    assert set(terms) == {"contrastive", "distill", "concept/image", "concept/text", "concept/joint", "concept"}
+    assert set(terms) == {"contrastive", "distill", "distill/mean_baseline", "concept/image", "concept/text",
+                          "concept/joint", "concept"}
     assert all(not v.requires_grad for v in terms.values())
     heads = [concept_loss(inputs["concept_logits"][h], inputs["soft_labels"]) for h in ("image", "text", "joint")]
     assert terms["concept"].item() == pytest.approx(sum(h.item() for h in heads) / 3, abs=1e-6)
-    expected = 2.0 * terms["contrastive"] + terms["distill"] + 0.01 * terms["concept"]
+    # beta weighs every head (the logged `concept` is their mean, for comparison with log k).
+    expected = 2.0 * terms["contrastive"] + terms["distill"] + 0.01 * sum(heads)
     assert total.item() == pytest.approx(expected.item(), abs=1e-6)
     total.backward()
     assert inputs["distill_pred"].grad is not None and inputs["concept_logits"]["joint"].grad is not None
@@ -162,7 +165,7 @@ def test_combiner_weighted_sum_and_terms():
 
 def test_combiner_zero_weight_skips_term_and_its_inputs():
     inputs = _combiner_inputs()
-    inputs.update(distill_pred=None, teacher_emb=None)
+    inputs.update(distill_pred=None, teacher_target=None)
     total, terms = KnowledgeCLIPLoss(LossConfig(distill_weight=0.0))(**inputs)
     assert "distill" not in terms and "contrastive" in terms and "concept" in terms
     no_concepts = dict(inputs, concept_logits=None, soft_labels=None)  # concept bank not fitted yet

@@ -22,7 +22,8 @@ class KnowledgeCLIP(nn.Module):
         self.student = build_student(cfg.student, tokenizer)
         dim = embed_dim(self.student)
         self.projector = None
-        if cfg.loss.distill_weight > 0:
+        # The relational form compares similarity structure, which needs no map into the teacher's space.
+        if cfg.loss.distill_weight > 0 and cfg.loss.distill_kind != "relational":
             if teacher_dim is None:
                 raise ValueError("loss.distill_weight > 0 needs the teacher's hidden size")
             self.projector = DistillProjector(dim, cfg.student.distill_hidden, teacher_dim)
