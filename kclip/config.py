@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +170,41 @@ class Config:
 # Loading, overriding, saving
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2's float syntax. PyYAML implements YAML 1.1, where a float needs a dot and a signed
+    exponent, so `1e-4` or `5e-4` (how learning rates are written) load as strings. Fixing the resolver rather than
+    coercing strings in `_check_type` also covers numbers nested in dict fields (`teacher.random_config`, which goes
+    to transformers as is) and keeps a quoted "1e-4" a string, as YAML means it."""
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+# PyYAML's float pattern with the dot optional before an exponent and the exponent's sign optional.
+_FLOAT_1_2 = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+# Replaced in place: the float pattern is tried before the int one for the same first characters, as in PyYAML.
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, _FLOAT_1_2 if tag == _FLOAT_TAG else regexp) for tag, regexp in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _parse_yaml(text: str | bytes, what: str, column_offset: int = 0):
+    """`text` as YAML; a syntax error raises one ConfigError line: `what`, then the line and column (the first line's
+    columns shifted by `column_offset`, so they count from where the user's text starts)."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        column = mark.column + 1 + (column_offset if mark.line == 0 else 0)
+        raise ConfigError(f"{what} at line {mark.line + 1}, column {column}: {e.problem or e.context}") from e
+    except yaml.YAMLError as e:  # e.g. bytes that are not UTF-8: the reader's message already gives the position
+        raise ConfigError(f"{what}: {' '.join(str(e).split())}") from e
+
+
 def _check_type(key: str, annotation: str, value):
     """Coerce a YAML value to the field's annotated type, or raise naming the key."""
     if value is None:
@@ -204,7 +240,8 @@ def apply_override(cfg: Config, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"{override}: overrides look like section.key=value")
     dotted, raw = override.split("=", 1)
-    nested: dict = yaml.safe_load(raw) if raw != "" else ""
+    nested: dict = _parse_yaml(raw, f"{dotted.strip()}: invalid YAML in override {override!r}",
+                              column_offset=len(dotted) + 1) if raw != "" else ""
     for part in reversed(dotted.strip().split(".")):
         nested = {part: nested}
     _update(cfg, nested)
@@ -225,7 +262,9 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
     cfg = Config()
-    _update(cfg, yaml.safe_load(resolve_config_path(name_or_path).read_text()) or {})
+    path = resolve_config_path(name_or_path)
+    # Bytes: the YAML reader decodes them itself, so a file that is not UTF-8 is one ConfigError line, too.
+    _update(cfg, _parse_yaml(path.read_bytes(), f"--config: invalid YAML in {path}") or {})
     for override in overrides:
         apply_override(cfg, override)
     return cfg

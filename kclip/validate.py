@@ -3,7 +3,10 @@ naming the key, instead of after every rank has started (or, worse, as a hang)."
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
 
 import torch
@@ -55,12 +58,103 @@ def choices(key: str, value, allowed) -> None:
         raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key: finite, from `low` to `high`, each end included unless marked open."""
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.low == -math.inf and self.high == math.inf:
+            return "finite"
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+FINITE = Range()
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+# faiss takes its seed as a C int, the narrowest of the seeds' consumers (numpy refuses negative ones).
+SEED = Range(0, 2**31 - 1)
+
+# Every int and float key of the config (tests/test_config.py keeps this complete), checked before any other rule
+# so that no later arithmetic (batch divisions, `step % every`) sees a nonsensical value. Only what the config
+# alone can tell: bounds that need the data or the model are checked where those are known.
+NUMERIC_RANGES: dict[str, Range] = {
+    "student.image_size": AT_LEAST_1,
+    "student.text_width": AT_LEAST_1,
+    "student.text_layers": AT_LEAST_1,
+    "student.text_heads": AT_LEAST_1,
+    "student.text_max_len": AT_LEAST_1,
+    "student.embed_dim": AT_LEAST_1,
+    "student.init_logit_scale": FINITE,  # log of the logit multiplier: any real number; clamped by the next key
+    "student.max_logit_scale": FINITE,
+    "student.distill_hidden": AT_LEAST_1,
+    "student.concept_hidden": AT_LEAST_1,
+    "teacher.layer": FINITE,  # negative counts from the end; its bound needs the model (checked when it loads)
+    "teacher.max_len": AT_LEAST_1,
+    "teacher.chunk_size": AT_LEAST_1,
+    "teacher.seed": SEED,
+    "loss.distill_weight": NON_NEGATIVE,  # 0 turns the term off
+    "loss.concept_weight": NON_NEGATIVE,
+    "loss.contrastive_weight": NON_NEGATIVE,
+    "loss.contrastive_chunk": NON_NEGATIVE,  # 0 = not tiled
+    "loss.distill_tau": POSITIVE,
+    "concepts.k": Range(2),  # one concept would make every soft label 1 and the concept loss constant
+    "concepts.tau": POSITIVE,
+    "concepts.niter": AT_LEAST_1,
+    "concepts.buffer_size": AT_LEAST_1,
+    "concepts.warmup_steps": NON_NEGATIVE,  # >= 1 with concept learning on: checked with the other concept rules
+    "concepts.recompute_every": NON_NEGATIVE,  # 0 = fit once
+    "concepts.seed": SEED,
+    "data.num_workers": NON_NEGATIVE,  # 0 = load in the training process
+    "data.num_canonical_nodes": AT_LEAST_1,
+    "optim.lr": NON_NEGATIVE,  # 0 freezes the weights: a choice (e.g. to time the data path), not a crash
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.beta1": Range(0, 1, high_open=True),  # Adam's moment decays: 1 would never forget the first gradient
+    "optim.beta2": Range(0, 1, high_open=True),
+    "optim.eps": POSITIVE,  # divides by sqrt(v) + eps
+    "optim.warmup_steps": NON_NEGATIVE,
+    "optim.min_lr_ratio": Range(0, 1),  # the cosine ends at lr * min_lr_ratio
+    "optim.grad_clip": NON_NEGATIVE,  # 0 = no clipping (DeepSpeed's convention)
+    "train.steps": AT_LEAST_1,
+    "train.global_batch_size": AT_LEAST_1,
+    "train.micro_batch_size": AT_LEAST_1,  # None (unset) = the per-rank batch; 0 would silently mean the same
+    "train.seed": SEED,
+    "train.max_bad_steps": AT_LEAST_1,
+    "log.every": AT_LEAST_1,
+    "checkpoint.every": AT_LEAST_1,
+    "checkpoint.keep_last": NON_NEGATIVE,  # 0 = keep every checkpoint
+    "eval.every": NON_NEGATIVE,  # 0 = only at the end
+    "eval.batch_size": AT_LEAST_1,
+    "dist.timeout_s": POSITIVE,
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Raise ConfigError naming the first numeric key outside its range in NUMERIC_RANGES."""
+    for key, valid in NUMERIC_RANGES.items():
+        value = reduce(getattr, key.split("."), cfg)
+        if value is not None and value not in valid:
+            raise ConfigError(f"{key}: must be {valid}, got {value!r}")
+
+
 def validate(cfg: Config, world_size: int, *, cuda: bool | None = None) -> None:
     """Raise ConfigError for the first impossible setting. `world_size` is the number of ranks the run will have."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     t, lo, c = cfg.train, cfg.loss, cfg.concepts
-    if t.steps <= 0:
-        raise ConfigError(f"train.steps: must be positive, got {t.steps}")
+    check_ranges(cfg)
     if t.global_batch_size % world_size:
         raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by the world size {world_size}")
     per_rank = t.global_batch_size // world_size
@@ -76,11 +170,6 @@ def validate(cfg: Config, world_size: int, *, cuda: bool | None = None) -> None:
         raise ConfigError("teacher.dtype: bf16 teacher needs a CUDA device; use auto or fp32 here")
     choices("loss.distill_kind", lo.distill_kind, DISTILL_KINDS)
     choices("loss.distill_target", lo.distill_target, TARGETS)
-    if lo.distill_tau <= 0:
-        raise ConfigError(f"loss.distill_tau: must be > 0, got {lo.distill_tau}")
-    for key in ("distill_weight", "concept_weight", "contrastive_weight"):
-        if getattr(lo, key) < 0:
-            raise ConfigError(f"loss.{key}: must be >= 0")
     if lo.contrastive_weight == 0 and not cfg.needs_teacher:
         raise ConfigError("loss: all three weights are 0; nothing would be trained")
     choices("teacher.pooling", cfg.teacher.pooling, ("mean", "last"))
@@ -111,5 +200,3 @@ def validate(cfg: Config, world_size: int, *, cuda: bool | None = None) -> None:
             raise ConfigError(
                 f"concepts.k: {c.k} exceeds the {first_fit} teacher embeddings available for the first fit "
                 f"(warmup_steps x global batch, buffer_size x ranks, dataset size)")
-        if c.tau <= 0:
-            raise ConfigError("concepts.tau: must be > 0")

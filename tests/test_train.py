@@ -162,6 +162,7 @@ def test_plain_clip_never_loads_the_teacher(shapes, tmp_path):
 
 @pytest.mark.parametrize("override, key", [
     ("train.global_batch_size=15", "train.global_batch_size"),
+    ("train.global_batch_size=0", "train.global_batch_size"),  # was a ZeroDivisionError traceback
     ("concepts.k=5000", "concepts.k"),
     ("teacher.path=/nonexistent/llama", "teacher.path"),
     ("train.stepz=3", "train.stepz"),
