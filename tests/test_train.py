@@ -192,10 +192,11 @@ def test_teacher_folder_without_weights_fails_before_any_process_group(shapes, t
 
 
 def test_gradient_accumulation_equals_the_full_batch(shapes, tmp_path):
-    """Distillation is a per-sample mean, so 2 micro-batches of 8 must give the update of one batch of 16: this
-    catches a missing or doubled 1/accumulation scaling. Activation checkpointing must not change the numbers."""
+    """Row-wise distillation to raw targets is a per-sample mean, so 2 micro-batches of 8 must give the update of one
+    batch of 16: this catches a missing or doubled 1/accumulation scaling. Activation checkpointing must not change
+    the numbers. (Batch-level forms and running statistics see each micro-batch as its own batch today.)"""
     common = ("train.steps=4", "log.every=1", "loss.contrastive_weight=0", "loss.concept_weight=0",
-              "data.shuffle=false")
+              "loss.distill_kind=cosine", "loss.distill_target=raw", "data.shuffle=false")
     full, accumulated = tmp_path / "full", tmp_path / "accum"
     run_ok(train_cmd(full, shapes, *common))
     run_ok(train_cmd(accumulated, shapes, *common, "train.micro_batch_size=8", "student.grad_checkpointing=true"))
