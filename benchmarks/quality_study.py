@@ -1,0 +1,431 @@
+"""Multi-seed quality study: every variant x every seed trained by `kclip train` for the same number of steps,
+evaluated by `kclip eval`, summarised as mean ± std per metric and as the paired difference to plain CLIP.
+
+    PYTHONPATH=. python benchmarks/quality_study.py --out runs/study                  # demo, seeds 0 1 2, all variants
+    PYTHONPATH=. python benchmarks/quality_study.py --out runs/study --variants distill_contrastive all_three
+    PYTHONPATH=. python benchmarks/quality_study.py --out runs/study --dry-run        # the plan and commands only
+
+Each run is `kclip train --config CFG --output OUT/<variant>/seed<S> train.seed=S teacher.cache_dir=OUT/teacher_cache
+<variant overrides> <--overrides> [train.steps=--steps]`, then `kclip eval --checkpoint OUT/<variant>/seed<S> --data
+<data.val> --label-cols ... --probe-train <data.train> [--teacher <teacher.path>] <--eval-args> --out .../eval.json`,
+both as subprocesses of this Python, their output in `train.log` / `eval.log` next to the run. They run in the
+repository root, so relative paths (in the config, --overrides, --eval-args) are relative to it. --eval-args is one
+string: `--eval-args='--skip caption_em,knn'`.
+
+Pairing: a seed fixes the training sample order and the student's initial weights (the projector and concept heads
+are built after the student towers, and loading a pretrained teacher leaves the RNG alone), so run s of a variant and
+run s of plain CLIP differ only by the variant; the differences d_s = variant_s - plain_s cancel the seed-to-seed noise
+the variants share, which the two means' stds do not. Not so for `student.tokenizer=teacher` (another vocabulary, so
+another text-tower init) nor for a `random_config` teacher (smoke), whose construction reseeds the global RNG.
+
+Resuming: a run with eval.json is done; one whose `checkpoints/latest` is the final step is only evaluated; anything
+else is trained with `--resume auto` (continues from its checkpoint, or starts afresh). A run folder trained under
+other settings (its config.yaml differs) stops the study before anything starts, so one table never mixes settings.
+
+The teacher: all runs share OUT/teacher_cache (the cache's key covers the teacher's weights, layer, pooling, max_len,
+tokenizer and the dataset, so `teacher.layer=15` gets its own entries), so each caption meets the teacher once per
+teacher setting in the whole study. `--precompute-teacher` fills the cache with `kclip teacher-cache` before the first
+training of each teacher setting: every training step is then a cache hit, and every run of that setting reads the
+same teacher targets whichever run came first.
+
+Output, besides the run folders:
+  OUT/study.json   settings (command, date, machine and load average at start, config, steps, seeds, overrides,
+                   eval args), runs[variant][seed] = every numeric eval metric, failed runs, summary[variant][metric]
+                   = {mean, std, n}, paired[variant][metric] = {n, mean_diff, se, ratio, significant} vs plain
+  OUT/study.md     the same settings, a table of mean ± std (variant rows, key metric columns), a table of
+                   Δ ± SE (ratio) vs plain, where * marks |Δ| > 2 SE
+  OUT/<metric>.png one per key metric: a bar per variant (mean, error bar = std), a dot per seed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import yaml
+from common import ROOT, bench_env, machine, print_table, run_kclip, write_json
+
+from kclip.checkpoint import tag_for
+from kclip.config import Config, ConfigError, diff_configs, from_dict, load_config, to_dict
+from kclip.report import is_number, natural, save
+from kclip.validate import validate
+
+BASELINE = "plain"
+
+# name -> overrides on top of the study's config. Same seed = same data order and student init, so every variant is
+# compared with `plain` run by run (see the module docstring).
+VARIANTS: dict[str, list[str]] = {
+    # CLIP's contrastive loss alone: the baseline every difference is taken against.
+    "plain": ["loss.distill_weight=0", "loss.concept_weight=0"],
+    # Distillation alone in its landed default form: does the teacher's text embedding help without concepts?
+    "distill_raw_cosine": ["loss.concept_weight=0", "loss.distill_kind=cosine", "loss.distill_target=raw"],
+    # Cosine to mean-centred teacher embeddings: does removing the teacher's common direction (anisotropy) help?
+    "distill_centered_cosine": ["loss.concept_weight=0", "loss.distill_kind=cosine", "loss.distill_target=centered"],
+    # Cosine to whitened teacher embeddings: does equalising the teacher's dimensions help further?
+    "distill_whitened_cosine": ["loss.concept_weight=0", "loss.distill_kind=cosine", "loss.distill_target=whitened"],
+    # Match the batch's similarity structure instead of the vectors: is the geometry what transfers?
+    "distill_relational": ["loss.concept_weight=0", "loss.distill_kind=relational", "loss.distill_target=centered"],
+    # Contrastive distillation (the teacher's own caption is the positive among the batch's): sharper than cosine?
+    "distill_contrastive": ["loss.concept_weight=0", "loss.distill_kind=contrastive", "loss.distill_target=centered"],
+    # Concept learning alone (k-means concepts of the teacher's embeddings, no distillation).
+    "concepts_only": ["loss.distill_weight=0"],
+    # Knowledge-CLIP's three losses together, with the contrastive distillation form.
+    "all_three": ["loss.distill_kind=contrastive", "loss.distill_target=centered"],
+    # The teacher's middle layer instead of its last: are mid-layer features a better target?
+    "distill_contrastive_mid_layer": ["loss.concept_weight=0", "loss.distill_kind=contrastive",
+                                      "loss.distill_target=centered", "teacher.layer=15"],
+    # The teacher's tokenizer and token embeddings for the student instead of bytes: does the teacher's vocabulary help?
+    "distill_contrastive_teacher_tok": ["loss.concept_weight=0", "loss.distill_kind=contrastive",
+                                        "loss.distill_target=centered", "student.tokenizer=teacher",
+                                        "student.token_init=teacher"],
+}
+
+# Config sections that do not change what a run learns: a run folder that differs only there is still comparable.
+SETTINGS_IGNORED = ("checkpoint.", "log.", "eval.", "dist.")
+
+
+class StudyError(RuntimeError):
+    pass
+
+
+@dataclass
+class Run:
+    variant: str
+    seed: int
+    folder: Path
+    overrides: list[str]
+    cfg: Config  # resolved exactly as `kclip train` will resolve it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning: which runs exist, what each still needs (a pure function of the run folders and the resolved configs)
+
+
+def make_runs(config: str, variants: dict[str, list[str]], seeds: list[int], out: Path, common: list[str]) -> list[Run]:
+    """Every (variant, seed) run, its config resolved and validated now, so a typo in a variant or a key this checkout
+    lacks fails here, before hours of other runs."""
+    runs = []
+    for name, variant_overrides in variants.items():
+        for seed in seeds:
+            overrides = [f"train.seed={seed}", f"teacher.cache_dir={out / 'teacher_cache'}", *variant_overrides,
+                         *common]
+            try:
+                cfg = load_config(config, overrides)
+                validate(cfg, 1)
+            except ConfigError as e:
+                raise StudyError(f"variant {name}: {e}") from e
+            runs.append(Run(name, seed, out / name / f"seed{seed}", overrides, cfg))
+    return runs
+
+
+def next_action(folder: Path, cfg: Config) -> str:
+    """What the run in `folder` still needs: "done" (eval.json exists), "evaluate" (its `latest` checkpoint is the
+    final step) or "train" (empty, or a checkpoint to resume from). Raises StudyError if the folder was trained
+    with other settings than `cfg`."""
+    saved = folder / "config.yaml"
+    if saved.is_file():
+        changed = [c for c in diff_configs(from_dict(yaml.safe_load(saved.read_text())), cfg)
+                   if not c.startswith(SETTINGS_IGNORED)]
+        if changed:
+            raise StudyError(f"{folder} was trained with other settings ({'; '.join(changed)}): "
+                             "use another --out, or remove that folder")
+    if (folder / "eval.json").is_file():
+        return "done"
+    latest = folder / "checkpoints" / "latest"
+    if latest.is_file() and latest.read_text().strip() == tag_for(cfg.train.steps):
+        return "evaluate"
+    return "train"
+
+
+def train_command(config: str, run: Run) -> list[str]:
+    return [sys.executable, "-m", "kclip.cli", "train", "--config", config, "--output", str(run.folder),
+            "--resume", "auto", *run.overrides]
+
+
+def eval_command(run: Run, label_cols: str, teacher: str | None, eval_args: list[str]) -> list[str]:
+    """`kclip eval` of the run on its config's val split, probes trained on its train split. `teacher` (the study
+    config's teacher.path) gives runs without a teacher, plain CLIP included, the teacher kNN overlap too."""
+    cmd = [sys.executable, "-m", "kclip.cli", "eval", "--checkpoint", str(run.folder), "--data", run.cfg.data.val,
+           "--label-cols", label_cols, "--probe-train", run.cfg.data.train, "--out", str(run.folder / "eval.json")]
+    return cmd + (["--teacher", teacher] if teacher else []) + eval_args
+
+
+def cache_fill_command(config: str, run: Run, out: Path) -> list[str]:
+    """`kclip teacher-cache` for `run`'s teacher setting. Its --output is only where the cache would go without
+    teacher.cache_dir, which every run sets."""
+    return [sys.executable, "-m", "kclip.cli", "teacher-cache", "--config", config,
+            "--output", str(out / "_cache_fill"), *run.overrides]
+
+
+def teacher_setting(cfg: Config) -> str:
+    """Runs with equal settings here read the same rows of the teacher cache."""
+    return json.dumps([to_dict(cfg)["teacher"], cfg.data.train], sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics (pure)
+
+
+def run_metrics(raw: dict) -> dict[str, float]:
+    """The numeric entries of a `kclip eval` metrics file (the protocol/... strings dropped), plus
+    retrieval/mean_R@k = the mean of image->text and text->image R@k."""
+    out = {k: float(v) for k, v in raw.items() if is_number(v)}
+    for key in list(out):
+        if key.startswith("retrieval/i2t_R@") and key.replace("i2t", "t2i") in out:
+            out[key.replace("i2t", "mean")] = (out[key] + out[key.replace("i2t", "t2i")]) / 2
+    return out
+
+
+def describe(values: list[float]) -> dict:
+    """Mean and sample std (ddof=1; None for fewer than 2 values) over seeds."""
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def paired_difference(variant: dict[int, float], baseline: dict[int, float]) -> dict:
+    """Over the seeds both have: mean of d_s = variant_s - baseline_s, its standard error std(d, ddof=1)/sqrt(n),
+    the ratio mean(variant)/mean(baseline), and whether |mean d| > 2 SE."""
+    seeds = sorted(set(variant) & set(baseline))
+    d = [variant[s] - baseline[s] for s in seeds]
+    n = len(d)
+    mean_d = statistics.fmean(d) if d else None
+    se = statistics.stdev(d) / math.sqrt(n) if n > 1 else None
+    base_mean = statistics.fmean(baseline[s] for s in seeds) if seeds else None
+    ratio = statistics.fmean(variant[s] for s in seeds) / base_mean if base_mean else None
+    return {"n": n, "mean_diff": mean_d, "se": se, "ratio": ratio,
+            "significant": se is not None and abs(mean_d) > 2 * se}
+
+
+def summarize(runs: dict[str, dict[int, dict[str, float]]], baseline: str) -> tuple[dict, dict]:
+    """(summary[variant][metric] = describe(...), paired[variant][metric] = paired_difference(...) vs `baseline`)
+    from runs[variant][seed][metric]."""
+    summary, paired = {}, {}
+    for variant, by_seed in runs.items():
+        metrics = sorted({m for values in by_seed.values() for m in values}, key=natural)
+        series = {m: {s: v[m] for s, v in by_seed.items() if m in v} for m in metrics}
+        summary[variant] = {m: describe([series[m][s] for s in sorted(series[m])]) for m in metrics}
+        if variant != baseline and baseline in runs:
+            base = runs[baseline]
+            paired[variant] = {m: paired_difference(series[m], {s: v[m] for s, v in base.items() if m in v})
+                               for m in metrics if any(m in v for v in base.values())}
+    return summary, paired
+
+
+def key_metrics(label_cols: list[str], present: set[str]) -> list[str]:
+    """The metrics the tables and plots show, in this order, where any run has them."""
+    keys = ["retrieval/mean_R@10", "retrieval/i2t_R@10", "retrieval/t2i_R@10", "retrieval/i2t_R@1",
+            "retrieval/t2i_R@1", *(f"zeroshot/{c}/top1" for c in label_cols),
+            *(f"probe/linear/{c}/top1" for c in label_cols), "probe/teacher_knn_overlap", "probe/caption_em"]
+    return [k for k in keys if k in present]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def mean_std_cell(stats: dict | None) -> str:
+    if not stats or stats["mean"] is None:
+        return "–"
+    return f"{stats['mean']:.3f}" + (f" ± {stats['std']:.3f}" if stats["std"] is not None else "")
+
+
+def paired_cell(p: dict | None) -> str:
+    if not p or p["mean_diff"] is None:
+        return "–"
+    text = f"{p['mean_diff']:+.3f}" + (f" ± {p['se']:.3f}" if p["se"] is not None else "")
+    text += f" ({p['ratio']:.2f}x)" if p["ratio"] is not None else ""
+    return text + (" *" if p["significant"] else "")
+
+
+def markdown(study: dict) -> str:
+    keys, variants = study["key_metrics"], list(study["runs"])
+    lines = [f"# Quality study: {study['config']}, {study['steps']} steps, seeds {study['seeds']}", "",
+             "    " + study["command"], "",
+             f"{study['machine']['date_utc']} UTC, {study['machine']['cpu']} ({study['machine']['cpu_count']} cores), "
+             f"GPU {study['machine']['gpu']}, load average at start {study['machine']['load_avg_1_5_15']}.",
+             f"Overrides on every run: {' '.join(study['common_overrides']) or 'none'}; eval arguments: "
+             f"{' '.join(study['eval_args']) or 'none'}.", "", "## Mean ± std over seeds (ddof=1)", ""]
+    lines.append(print_table(["variant", "n", *keys], [
+        [v, str(max((s['n'] for s in study["summary"][v].values()), default=0)),
+         *(mean_std_cell(study["summary"][v].get(k)) for k in keys)] for v in variants]))
+    lines += ["", f"## Paired difference to {study['baseline']}: Δ ± SE (ratio)", "",
+              f"Δ = mean over seeds of (variant - {study['baseline']}) on the same seed, SE = std(Δ, ddof=1)/√n, "
+              f"ratio = mean(variant)/mean({study['baseline']}); * marks |Δ| > 2 SE.", ""]
+    lines.append(print_table(["variant", *keys], [
+        [v, *(paired_cell(study["paired"][v].get(k)) for k in keys)] for v in variants if v in study["paired"]]))
+    notes = [f"- {v}: its teacher differs from {study['baseline']}'s ({'; '.join(d)}), and `kclip eval` computes "
+             "probe/teacher_knn_overlap with the run's own teacher settings, so that column is not comparable."
+             for v, d in study["teacher_differs"].items()]
+    notes += [f"- failed: {f['variant']} seed {f['seed']} ({f['log']})" for f in study["failed"]]
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    lines += ["", "## Plots", "", *(f"![{k}]({plot_name(k)})" for k in keys)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_name(metric: str) -> str:
+    return metric.replace("/", "_") + ".png"
+
+
+def plot_metric(study: dict, metric: str, path: Path) -> None:
+    """A bar per variant at the mean over seeds, error bar = std, and a dot per seed."""
+    variants = list(study["runs"])
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(variants) + 1.5), 3.8))
+    for i, v in enumerate(variants):
+        stats = study["summary"][v].get(metric)
+        if not stats:
+            continue
+        ax.bar(i, stats["mean"], yerr=stats["std"] or 0.0, color=f"C{i}", alpha=0.6, capsize=4)
+        seeds = [m[metric] for m in study["runs"][v].values() if metric in m]
+        ax.scatter([i] * len(seeds), seeds, color="black", s=12, zorder=3)
+    ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right", fontsize=8)
+    ax.set_title(f"{metric} ({study['steps']} steps, seeds {study['seeds']})", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def duration(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True,
+                   help="study folder: run folders, teacher cache, study.json/.md, plots")
+    p.add_argument("--config", default="demo", help="named config or YAML file every run starts from")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", help=f"subset of the table (default: all); {BASELINE} is always added")
+    p.add_argument("--define", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
+                   help="NAME OVERRIDE ...: add a variant to the table or replace one (repeatable)")
+    p.add_argument("--steps", type=int, help="train.steps of every run (default: the config's)")
+    p.add_argument("--overrides", nargs="+", default=[], help="a.b=c applied to every run, after the variant's")
+    p.add_argument("--label-cols", default="category,subcategory", help="label columns of the val split (kclip eval)")
+    p.add_argument("--eval-args", type=shlex.split, default=shlex.split("--skip caption_em"),
+                   help="extra `kclip eval` arguments as one string (default: '--skip caption_em', whose GRU decoder "
+                   "would add minutes per run; pass '' to include it)")
+    p.add_argument("--threads", type=int, default=1, help="OpenMP threads of each run (the loader workers need the "
+                   "other cores)")
+    p.add_argument("--precompute-teacher", action="store_true",
+                   help="fill the shared teacher cache with `kclip teacher-cache` before training each teacher setting")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and commands; run nothing, write nothing")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start_machine = machine()  # before any run, so the load average is the machine's, not the study's
+    out = args.out.resolve()  # absolute: the runs' config.yaml must not depend on the directory the study resumes from
+    if Path(args.config).suffix in (".yaml", ".yml"):
+        args.config = str(Path(args.config).resolve())
+    # The runs execute in the repository root (common.run_logged), where the configs' relative data and teacher paths
+    # point; resolve and validate them here from the same place.
+    os.chdir(ROOT)
+    table = VARIANTS | {name: overrides for name, *overrides in args.define}
+    # plain is always part of a study: every variant's paired difference needs it (done runs are reused, not rerun).
+    names = list(dict.fromkeys([BASELINE, *(args.variants or table)]))
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        print(f"quality_study: unknown variant(s) {unknown}; known: {', '.join(table)}", file=sys.stderr)
+        return 2
+    common = args.overrides + ([f"train.steps={args.steps}"] if args.steps else [])
+    try:
+        base = load_config(args.config, common)
+        if not base.data.val:
+            raise StudyError(f"{args.config}: data.val is not set; the runs are evaluated on it "
+                             "(--overrides data.val=DIR)")
+        runs = make_runs(args.config, {n: table[n] for n in names}, args.seeds, out, common)
+        actions = {id(r): next_action(r.folder, r.cfg) for r in runs}
+    except (ConfigError, StudyError) as e:
+        print(f"quality_study: {e}", file=sys.stderr)
+        return 2
+    label_cols = [c for c in args.label_cols.split(",") if c]
+    todo = [r for r in runs if actions[id(r)] != "done"]
+    counts = {a: sum(actions[id(r)] == a for r in runs) for a in ("train", "evaluate", "done")}
+    print(f"{len(runs)} runs ({len(names)} variants x {len(args.seeds)} seeds, {base.train.steps} steps of "
+          f"{args.config}): {counts['train']} to train, {counts['evaluate']} to evaluate, {counts['done']} done; "
+          f"logs in {out}/<variant>/seed<S>/{{train,eval}}.log")
+
+    fills = {}  # teacher setting -> the first run that will train with it
+    if args.precompute_teacher:
+        for r in todo:
+            if r.cfg.needs_teacher and r.cfg.teacher.cache and actions[id(r)] == "train":
+                fills.setdefault(teacher_setting(r.cfg), r)
+    if args.dry_run:
+        for r in fills.values():
+            print(f"teacher-cache ({r.variant}): {shlex.join(cache_fill_command(args.config, r, out))}")
+        for r in todo:
+            if actions[id(r)] == "train":
+                print(f"{r.variant} seed{r.seed} train: {shlex.join(train_command(args.config, r))}")
+            print(f"{r.variant} seed{r.seed} eval: "
+                  f"{shlex.join(eval_command(r, args.label_cols, base.teacher.path, args.eval_args))}")
+        return 0
+
+    env = bench_env(args.threads)
+    for r in fills.values():
+        (out / "_cache_fill").mkdir(parents=True, exist_ok=True)
+        log = out / "_cache_fill" / f"{r.variant}.log"
+        seconds = run_kclip(cache_fill_command(args.config, r, out), log, env, timeout=None)
+        print(f"teacher cache filled for {r.variant}'s teacher in {duration(seconds)} ({log})")
+
+    failed, started = [], time.perf_counter()
+    for i, r in enumerate(todo, 1):
+        r.folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            if actions[id(r)] == "train":
+                run_kclip(train_command(args.config, r), r.folder / "train.log", env, timeout=None)
+            run_kclip(eval_command(r, args.label_cols, base.teacher.path, args.eval_args), r.folder / "eval.log", env,
+                      timeout=None)
+            what = "trained and evaluated" if actions[id(r)] == "train" else "evaluated"
+        except RuntimeError as e:  # one broken variant must not cost the other runs of an unattended study
+            failed.append({"variant": r.variant, "seed": r.seed, "log": str(r.folder)})
+            what = f"FAILED ({str(e).strip().splitlines()[-1]}; logs in {r.folder})"
+        elapsed = time.perf_counter() - started
+        eta = elapsed / i * (len(todo) - i)
+        print(f"[{i}/{len(todo)}] {r.variant} seed{r.seed}: {what} in {duration(time.perf_counter() - t0)} "
+              f"(elapsed {duration(elapsed)}, ETA {duration(eta)})", flush=True)
+
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    for r in runs:
+        if (r.folder / "eval.json").is_file():
+            results.setdefault(r.variant, {})[r.seed] = run_metrics(json.loads((r.folder / "eval.json").read_text()))
+    summary, paired = summarize(results, BASELINE)
+    present = {m for by_seed in results.values() for metrics in by_seed.values() for m in metrics}
+    teachers = {r.variant: r.cfg.teacher for r in runs}
+    study = {
+        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["quality_study.py", *argv]),
+        "machine": start_machine, "config": args.config, "steps": base.train.steps, "seeds": args.seeds,
+        "baseline": BASELINE, "variants": {n: table[n] for n in names}, "common_overrides": common,
+        "eval_args": args.eval_args, "label_cols": label_cols,
+        "key_metrics": key_metrics(label_cols, present),
+        "teacher_differs": {n: d for n in names if (d := diff_configs(teachers[BASELINE], teachers[n]))},
+        "runs": {v: {s: results[v][s] for s in sorted(results[v])} for v in names if v in results},
+        "failed": failed, "summary": summary, "paired": paired,
+    }
+    write_json(out / "study.json", study)
+    (out / "study.md").write_text(markdown(study))
+    for metric in study["key_metrics"]:
+        plot_metric(study, metric, out / plot_name(metric))
+    print(f"wrote {out / 'study.md'} and {len(study['key_metrics'])} plots")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
