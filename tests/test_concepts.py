@@ -164,3 +164,24 @@ def test_centering_gives_informative_soft_labels_for_anisotropic_embeddings():
         entropy[center] = float(-(q * q.clamp_min(1e-12).log()).sum(1).mean())
     uniform = math.log(K)
     assert entropy[False] > 0.9 * uniform and entropy[True] < 0.25 * uniform, entropy
+
+
+def test_labels_are_computed_in_the_space_the_centroids_were_fitted_in():
+    """Unnormalised teacher embeddings (teacher.normalize=false) of very different norms: the fit and the soft labels
+    must prepare rows the same way (centre, then normalise), or the labels disagree with the fit's own clusters."""
+    x, _ = _clustered(per=40, noise=0.3)
+    norms = torch.linspace(0.2, 30.0, len(x))[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
+    x = x * norms[:, None] + 2.0
+    bank = ConceptBank(K, DIM, seed=0)
+    stats = bank.fit(x)
+    assert np.bincount(bank.soft_labels(x, tau=1e-3).argmax(1).numpy(), minlength=K).tolist() == stats["sizes"]
+
+
+def test_the_shared_running_mean_is_what_the_bank_centres_on():
+    x, _ = _clustered()
+    mean = torch.full((DIM,), 0.25)
+    bank = ConceptBank(K, DIM, seed=0)
+    bank.fit(x, mean=mean)
+    assert torch.equal(bank.mean, mean)
+    expected = torch.softmax(F.normalize(x - mean, dim=1) @ bank.centroids.T / 0.1, dim=1)
+    torch.testing.assert_close(bank.soft_labels(x, 0.1), expected)
