@@ -34,6 +34,7 @@ from kclip.evaluate import evaluate_split
 from kclip.losses import KnowledgeCLIPLoss
 from kclip.metrics import MetricsLogger
 from kclip.models.knowledge_clip import KnowledgeCLIP
+from kclip.models.student import clamp_logit_scale_
 from kclip.models.teacher import Teacher, build_teacher
 from kclip.schedule import lr_at
 from kclip.teacher_cache import TeacherCache, embed_cached, open_cache
@@ -368,6 +369,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
                 if finite:
                     engine.backward(total)
                     engine.step()
+                    clamp_logit_scale_(engine.module.student.logit_scale, cfg.student.max_logit_scale)
             if finite:
                 bad_streak = 0
                 window.add(terms, total, logit_scale=out["logit_scale"], samples=batch["pixels"].shape[0] * world)

@@ -1,12 +1,13 @@
 """The student and its heads: shapes, the clamp on the temperature, and loading a Hugging Face CLIPModel."""
 import math
 
+import pytest
+
 import torch
 from transformers import CLIPConfig, CLIPModel
 
 from kclip.config import Config
 from kclip.models.knowledge_clip import KnowledgeCLIP
-from kclip.models.student import clamped_scale
 from kclip.tokenizers import load_tokenizer
 
 TINY_IMAGE = dict(patch_size=8, depth=2, embed_dim=32, num_heads=2)
@@ -58,14 +59,6 @@ def test_zero_weights_build_no_heads():
     assert set(model(*batch(tok))) == {"image_emb", "text_emb", "logit_scale"}
 
 
-def test_logit_scale_clamped_in_forward_with_zero_gradient_above_max():
-    log_scale = torch.tensor(math.log(200.0), requires_grad=True)
-    scale = clamped_scale(log_scale, math.log(100.0))
-    scale.backward()
-    assert abs(scale.item() - 100.0) < 1e-4
-    assert log_scale.grad.item() == 0.0
-
-
 def test_hf_clip_checkpoint_as_student(tmp_path):
     hf = CLIPModel(CLIPConfig(
         text_config=dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -94,3 +87,35 @@ def test_bf16_model_accepts_float32_pixels_from_the_loader():
     model = KnowledgeCLIP(tiny_config(), tok, teacher_dim=8).to(torch.bfloat16)
     out = model(*batch(tok))
     assert out["image_emb"].dtype == torch.bfloat16 and torch.isfinite(out["image_emb"].float()).all()
+
+
+def _clamp_reaches_the_optimizer():
+    """One rank, a ZeRO-1 engine: push the temperature above the cap, clamp, and check the optimizer's fp32 master
+    copy was clamped too (else the next step would start from the unclamped value); then the loss lowers it."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from kclip.models.student import clamp_logit_scale_
+
+    cap = math.log(100.0)
+    module = torch.nn.Module()
+    module.logit_scale = torch.nn.Parameter(torch.tensor([cap - 0.01]))
+    engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.5), config={
+        "train_batch_size": 1, "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True})
+    seen = []
+    for direction in (-1.0, -1.0, 1.0):  # up, up, then down
+        loss = direction * engine.module.logit_scale.sum()
+        engine.backward(loss)
+        engine.step()
+        clamp_logit_scale_(engine.module.logit_scale, cap)
+        seen.append((float(engine.module.logit_scale), float(safe_get_full_fp32_param(engine.module.logit_scale))))
+    return seen
+
+
+def test_temperature_clamp_reaches_the_optimizers_master_copy():
+    from multiproc import run_ranks
+
+    (seen,) = run_ranks(_clamp_reaches_the_optimizer, world_size=1)
+    cap = math.log(100.0)
+    assert seen[0] == pytest.approx((cap, cap)) and seen[1] == pytest.approx((cap, cap))
+    assert seen[2] == pytest.approx((cap - 0.5, cap - 0.5))  # one SGD step down from the cap, not from above it

@@ -3,6 +3,7 @@ plain-CLIP baseline without a teacher, and configs rejected before any process g
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -233,3 +234,14 @@ def test_teacher_cache_pass_makes_every_training_step_a_hit(shapes, tmp_path):
     run_ok(train_cmd(run, shapes, "train.steps=4", "log.every=1"))
     rows = [r for r in read_metrics(run) if "teacher_tokens" in r]
     assert len(rows) == 4 and all(r["teacher_cache_hit_rate"] == 1.0 and r["teacher_tokens"] == 0 for r in rows)
+
+
+def test_temperature_above_the_cap_is_clamped_and_can_come_down(shapes, tmp_path):
+    """A student whose temperature is configured above CLIP's cap of 100 starts at the cap, and the gradient can lower
+    it. Clamped inside the forward it would stay at exactly 100 for the whole run (zero gradient above the cap)."""
+    run = tmp_path / "temperature"
+    run_ok(train_cmd(run, shapes, "train.steps=12", "log.every=1", "loss.distill_weight=0", "loss.concept_weight=0",
+                     "optim.warmup_steps=0", "optim.lr=0.01", f"student.init_logit_scale={math.log(100.0) + 0.5}"))
+    scales = [row["logit_scale"] for row in read_metrics(run) if "logit_scale" in row]
+    assert max(scales) <= 100.0 + 1e-3
+    assert scales[-1] < 99.0, scales  # the random-init contrastive loss asks for a softer temperature

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from kclip.config import Config
 from kclip.models.heads import ConceptHeads, DistillProjector
-from kclip.models.student import build_student, clamped_scale, embed_dim
+from kclip.models.student import build_student, clamp_logit_scale_, embed_dim
 
 
 class KnowledgeCLIP(nn.Module):
@@ -18,8 +18,9 @@ class KnowledgeCLIP(nn.Module):
 
     def __init__(self, cfg: Config, tokenizer, teacher_dim: int | None):
         super().__init__()
-        self.max_log_scale = cfg.student.max_logit_scale
         self.student = build_student(cfg.student, tokenizer)
+        # A configured or pretrained temperature above the cap starts at the cap (training keeps it there: train.py).
+        clamp_logit_scale_(self.student.logit_scale, cfg.student.max_logit_scale)
         dim = embed_dim(self.student)
         self.projector = None
         # The relational form compares similarity structure, which needs no map into the teacher's space.
@@ -49,7 +50,7 @@ class KnowledgeCLIP(nn.Module):
         out = {
             "image_emb": image_emb,
             "text_emb": text_emb,
-            "logit_scale": clamped_scale(self.student.logit_scale, self.max_log_scale),
+            "logit_scale": self.student.logit_scale.exp(),
         }
         if self.projector is not None:
             out["distill_pred"] = self.projector(text_emb)

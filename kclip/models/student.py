@@ -111,7 +111,19 @@ def embed_dim(student: nn.Module) -> int:
     return student.image_proj.out_features
 
 
-def clamped_scale(log_scale: torch.Tensor, max_log_scale: float = math.log(100.0)) -> torch.Tensor:
-    """exp(min(log_scale, max)). Clamping in the forward rather than in place after the step keeps the bound correct
-    under every ZeRO stage: in-place edits of the module parameter would not reach ZeRO's fp32 master copy."""
-    return log_scale.clamp(max=max_log_scale).exp()
+@torch.no_grad()
+def clamp_logit_scale_(log_scale: nn.Parameter, max_log_scale: float) -> None:
+    """Clamp the log temperature in place after an optimizer step, as open_clip does.
+
+    Clamping inside the forward instead zeroes the gradient above the cap: a model that once crossed it (or a
+    pretrained CLIP loaded at it, 4.6052 = log 100) could never come down again, however much the loss asked.
+    The optimizer updates its fp32 master copy and copies it into the module afterwards, so both are set: the
+    module's for the next forward, the master's (through DeepSpeed's fragment API) so the next step starts there.
+    """
+    if float(log_scale.max()) <= max_log_scale:
+        return
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    clamped = log_scale.detach().float().clamp(max=max_log_scale)
+    log_scale.copy_(clamped)
+    safe_set_full_fp32_param(log_scale, clamped)
