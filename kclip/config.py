@@ -30,6 +30,10 @@ class StudentConfig:
     pretrained_image: bool = False
     image_size: int = 224
     tokenizer: str = "byte"  # "byte" (file-free byte-level), "teacher", an HF folder, or a .gguf file
+    # random | teacher: token embeddings from the teacher's input embeddings, PCA-reduced to text_width (needs
+    # tokenizer=teacher), so words absent from the training captions still start from what the teacher knows of them
+    token_init: str = "random"
+    freeze_token_embeddings: bool = False  # with token_init=teacher: keep those embeddings fixed
     text_width: int = 512
     text_layers: int = 12
     text_heads: int = 8

@@ -36,6 +36,7 @@ from kclip.metrics import MetricsLogger
 from kclip.models.knowledge_clip import KnowledgeCLIP
 from kclip.models.student import clamp_logit_scale_
 from kclip.models.teacher import Teacher, build_teacher
+from kclip.models.token_init import init_token_embeddings
 from kclip.schedule import lr_at
 from kclip.teacher_cache import TeacherCache, embed_cached, open_cache
 from kclip.teacher_stats import TeacherStats, normalized_target
@@ -225,6 +226,7 @@ def setup(cfg: Config, run_dir: Path, *, load_universal: bool) -> Run:
     teacher = build_teacher(cfg.teacher) if cfg.needs_teacher else None
     tokenizer = teacher.tokenizer if cfg.student.tokenizer == "teacher" else load_tokenizer(cfg.student.tokenizer)
     model = KnowledgeCLIP(cfg, tokenizer, teacher.hidden_size if teacher else None)
+    init_token_embeddings(model.student, cfg.student, teacher)
     ds_config = student_ds_config(cfg)
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}

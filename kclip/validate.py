@@ -185,6 +185,20 @@ def validate(cfg: Config, world_size: int, *, cuda: bool | None = None) -> None:
             _check_teacher_path(cfg.teacher.path)
     if cfg.student.tokenizer == "teacher" and not cfg.teacher.path:
         raise ConfigError("student.tokenizer: 'teacher' needs teacher.path")
+    choices("student.token_init", cfg.student.token_init, ("random", "teacher"))
+    if cfg.student.token_init == "teacher":
+        if cfg.student.hf_clip:
+            raise ConfigError("student.token_init: 'teacher' initialises the timm + CLIP text towers; student.hf_clip "
+                              "brings its own pretrained embeddings")
+        if cfg.student.tokenizer != "teacher":
+            raise ConfigError("student.token_init: 'teacher' needs student.tokenizer=teacher (the embedding rows are "
+                              "the teacher's tokens)")
+        if not cfg.needs_teacher:
+            raise ConfigError("student.token_init: 'teacher' needs the teacher loaded (loss.distill_weight or "
+                              "loss.concept_weight > 0)")
+    if cfg.student.freeze_token_embeddings and cfg.student.token_init != "teacher":
+        raise ConfigError("student.freeze_token_embeddings: only with student.token_init=teacher (frozen random "
+                          "embeddings would never learn anything)")
     if cfg.student.hf_clip and not os.path.isdir(cfg.student.hf_clip):
         raise ConfigError(f"student.hf_clip: no such folder {cfg.student.hf_clip}")
     n_train = _check_mds("data.train", cfg.data.train, required=True)

@@ -168,6 +168,8 @@ def test_plain_clip_never_loads_the_teacher(shapes, tmp_path):
     ("teacher.path=/nonexistent/llama", "teacher.path"),
     ("train.stepz=3", "train.stepz"),
     ("loss.distill_kind=l1", "loss.distill_kind"),
+    ("student.token_init=teacher", "student.token_init"),
+    ("student.freeze_token_embeddings=true", "student.freeze_token_embeddings"),
 ])
 def test_invalid_config_fails_before_any_process_group(shapes, tmp_path, override, key):
     env = dict(_env(), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=_port())

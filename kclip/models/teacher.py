@@ -260,6 +260,21 @@ class Teacher:
                         error, separation)
         return self.packing
 
+    def input_embeddings(self) -> torch.Tensor:
+        """The whole input embedding matrix [model vocab, hidden] (rows past len(tokenizer) included) as a float32 CPU
+        copy, on every rank.
+
+        Sharded (also a 1-process teacher with offload), each rank holds only its slice, so the matrix is all-gathered:
+        a collective every rank must call. A plain module's weight is just copied.
+        """
+        import deepspeed
+
+        model = self.module.module if self.sharded else self.module  # a sharded teacher is a DeepSpeed engine
+        weight = model.get_input_embeddings().weight
+        with deepspeed.zero.GatheredParameters([weight], enabled=self.sharded):
+            # A copy: on leaving the context the gathered storage is released.
+            return weight.detach().to("cpu", torch.float32, copy=True)
+
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> (input_ids, attention_mask) [B, <= max_len], as `embed` takes them."""
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_len,
