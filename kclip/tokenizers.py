@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
+# A random in-memory teacher (teacher.random_config) has no tokenizer files of its own: it reads byte ids.
+RANDOM_TEACHER_TOKENIZER = "byte"
+
 
 def split_gguf(path: str) -> tuple[str, str | None]:
     """A teacher path is a folder, or a `.gguf` file that transformers loads as (folder, gguf_file=name)."""
@@ -27,3 +30,11 @@ def load_tokenizer(spec: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def student_tokenizer(cfg):
+    """The tokenizer a run's student reads (`student.tokenizer=teacher`: the teacher's own, loaded from its files, so
+    it is available whether or not the run loads the teacher model)."""
+    if cfg.student.tokenizer == "teacher":
+        return load_tokenizer(cfg.teacher.path or RANDOM_TEACHER_TOKENIZER)
+    return load_tokenizer(cfg.student.tokenizer)

@@ -40,7 +40,7 @@ from kclip.models.token_init import init_token_embeddings
 from kclip.schedule import lr_at
 from kclip.teacher_cache import TeacherCache, embed_cached, open_cache
 from kclip.teacher_stats import TeacherStats, normalized_target
-from kclip.tokenizers import load_tokenizer
+from kclip.tokenizers import student_tokenizer
 
 log = logging.getLogger("kclip.train")
 
@@ -224,7 +224,7 @@ def setup(cfg: Config, run_dir: Path, *, load_universal: bool) -> Run:
     # The teacher loads first: its hidden size shapes the projector, and it unsets its ZeRO-3 context before the
     # student is built, so the student is never partitioned.
     teacher = build_teacher(cfg.teacher) if cfg.needs_teacher else None
-    tokenizer = teacher.tokenizer if cfg.student.tokenizer == "teacher" else load_tokenizer(cfg.student.tokenizer)
+    tokenizer = student_tokenizer(cfg)
     model = KnowledgeCLIP(cfg, tokenizer, teacher.hidden_size if teacher else None)
     init_token_embeddings(model.student, cfg.student, teacher)
     ds_config = student_ds_config(cfg)

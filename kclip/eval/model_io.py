@@ -30,8 +30,7 @@ from kclip import checkpoint
 from kclip.config import Config, from_dict
 from kclip.data.loader import tokenize
 from kclip.models.knowledge_clip import KnowledgeCLIP
-from kclip.models.teacher import RANDOM_TEACHER_TOKENIZER
-from kclip.tokenizers import load_tokenizer
+from kclip.tokenizers import load_tokenizer, student_tokenizer
 
 EXPORT_SPEC = "kclip_model.yaml"
 EXPORT_WEIGHTS = "model.safetensors"
@@ -95,13 +94,6 @@ def build_preprocess(spec: dict) -> T.Compose:
     size = spec["image_size"]
     return T.Compose([rgb_on_white, T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
                       T.ToTensor(), T.Normalize(spec["mean"], spec["std"])])
-
-
-def student_tokenizer(cfg: Config):
-    """The tokenizer the run's student was trained with (`teacher` = the teacher's own tokenizer)."""
-    if cfg.student.tokenizer == "teacher":
-        return load_tokenizer(cfg.teacher.path or RANDOM_TEACHER_TOKENIZER)
-    return load_tokenizer(cfg.student.tokenizer)
 
 
 def build_encoder(cfg: Config, tokenizer, hf_clip: str | None = None) -> KnowledgeCLIP:

@@ -21,7 +21,7 @@ import torch
 from kclip import dist
 from kclip.config import TeacherConfig
 from kclip.ds_config import load_template
-from kclip.tokenizers import load_tokenizer, split_gguf
+from kclip.tokenizers import RANDOM_TEACHER_TOKENIZER, load_tokenizer, split_gguf
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,6 @@ DS_TEMPLATES = {"none": "teacher_zero3", "cpu": "teacher_zero3_offload_cpu", "nv
 POOLINGS = ("mean", "last")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-RANDOM_TEACHER_TOKENIZER = "byte"
 # Captions of different lengths whose packed and single embeddings `Teacher.check_packing` compares.
 PACKING_PROBE = ["a photo of a dog running on the grass", "two cats", "a red car parked by an old stone wall", "snow",
                  "people"]
