@@ -46,6 +46,7 @@ import shlex
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,10 @@ VARIANTS: dict[str, list[str]] = {
     "distill_contrastive": ["loss.concept_weight=0", "loss.distill_kind=contrastive", "loss.distill_target=centered"],
     # Concept learning alone (k-means concepts of the teacher's embeddings, no distillation).
     "concepts_only": ["loss.distill_weight=0"],
+    # beta: 10x the paper's 0.01, which leaves the concept heads almost untrained at this scale.
+    "concepts_beta0.1": ["loss.distill_weight=0", "loss.concept_weight=0.1"],
+    # tau: softer soft labels (0.2 instead of 0.05) carry more of each caption's similarity to every concept.
+    "concepts_tau0.2": ["loss.distill_weight=0", "concepts.tau=0.2"],
     # Knowledge-CLIP's three losses together, with the contrastive distillation form.
     "all_three": ["loss.distill_kind=contrastive", "loss.distill_target=centered"],
     # The teacher's middle layer instead of its last: are mid-layer features a better target?
@@ -320,6 +325,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-args", type=shlex.split, default=shlex.split("--skip caption_em"),
                    help="extra `kclip eval` arguments as one string (default: '--skip caption_em', whose GRU decoder "
                    "would add minutes per run; pass '' to include it)")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side (each with --threads threads)")
+    p.add_argument("--train-only", action="store_true", help="train the runs, evaluate none (a later call evaluates)")
     p.add_argument("--threads", type=int, default=1, help="OpenMP threads of each run (the loader workers need the "
                    "other cores)")
     p.add_argument("--precompute-teacher", action="store_true",
@@ -384,23 +391,34 @@ def main(argv: list[str] | None = None) -> int:
         seconds = run_kclip(cache_fill_command(args.config, r, out), log, env, timeout=None)
         print(f"teacher cache filled for {r.variant}'s teacher in {duration(seconds)} ({log})")
 
-    failed, started = [], time.perf_counter()
-    for i, r in enumerate(todo, 1):
+    failed, started, finished = [], time.perf_counter(), 0
+    todo = [r for r in todo if not (args.train_only and actions[id(r)] == "evaluate")]
+
+    def execute(r: Run) -> str:
         r.folder.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
         try:
             if actions[id(r)] == "train":
                 run_kclip(train_command(args.config, r), r.folder / "train.log", env, timeout=None)
+            if args.train_only:
+                return "trained"
             run_kclip(eval_command(r, args.label_cols, base.teacher.path, args.eval_args), r.folder / "eval.log", env,
                       timeout=None)
-            what = "trained and evaluated" if actions[id(r)] == "train" else "evaluated"
+            return "trained and evaluated" if actions[id(r)] == "train" else "evaluated"
         except RuntimeError as e:  # one broken variant must not cost the other runs of an unattended study
             failed.append({"variant": r.variant, "seed": r.seed, "log": str(r.folder)})
-            what = f"FAILED ({str(e).strip().splitlines()[-1]}; logs in {r.folder})"
-        elapsed = time.perf_counter() - started
-        eta = elapsed / i * (len(todo) - i)
-        print(f"[{i}/{len(todo)}] {r.variant} seed{r.seed}: {what} in {duration(time.perf_counter() - t0)} "
-              f"(elapsed {duration(elapsed)}, ETA {duration(eta)})", flush=True)
+            return f"FAILED ({str(e).strip().splitlines()[-1]}; logs in {r.folder})"
+
+    # Each run uses --threads OpenMP threads plus its loader workers: on a small machine two runs side by side keep
+    # the cores busier than one run with twice the threads (measured in BENCHMARKS.md's quality-study section).
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(execute, r): (r, time.perf_counter()) for r in todo}
+        for future in as_completed(futures):
+            r, t0 = futures[future]
+            finished += 1
+            elapsed = time.perf_counter() - started
+            eta = elapsed / finished * (len(todo) - finished)
+            print(f"[{finished}/{len(todo)}] {r.variant} seed{r.seed}: {future.result()} "
+                  f"(elapsed {duration(elapsed)}, ETA {duration(eta)})", flush=True)
 
     results: dict[str, dict[int, dict[str, float]]] = {}
     for r in runs:
