@@ -51,7 +51,16 @@ def set_rng_state(state: dict) -> None:
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    return sorted(p for p in ckpt_dir.glob("step_*") if (p / COMPLETE).is_file())
+    """The run's complete step folders, oldest first. `step_X_universal` conversions are copies of `step_X`, not
+    checkpoints of their own: they neither count towards `keep_last` nor get resumed from as a step."""
+    return sorted(p for p in ckpt_dir.glob("step_*") if p.name[5:].isdigit() and (p / COMPLETE).is_file())
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (0 keeps all), each with its universal copy."""
+    for old in complete_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old.with_name(f"{old.name}_universal"), ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep_last: int) -> Path:
@@ -69,8 +78,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict
     if dist.is_main():
         _atomic_write(tag_dir / COMPLETE, f"world_size={dist.world_size()}\n")
         _atomic_write(ckpt_dir / "latest", tag)
-        for old in complete_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(ckpt_dir, keep_last)
     dist.barrier()
     return tag_dir
 

@@ -148,3 +148,15 @@ def test_soak_memory_flat_and_nothing_accumulates(shapes, tmp_path):
     assert rss[300] - rss[100] < 40, rss
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000250", "step_00000300"]
     assert not [n for n in set(os.listdir("/dev/shm")) - shm_before if not n.startswith("deepspeed_allreduce")]
+
+
+def test_universal_copies_take_no_keep_last_slot_and_go_with_their_checkpoint(tmp_path):
+    from kclip import checkpoint
+
+    for name in ("step_00000010", "step_00000020", "step_00000020_universal", "step_00000030", "step_00000040"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / checkpoint.COMPLETE).write_text("world_size=2\n")
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == [
+        "step_00000010", "step_00000020", "step_00000030", "step_00000040"]
+    checkpoint.prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000030", "step_00000040"]
