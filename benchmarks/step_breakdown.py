@@ -168,7 +168,7 @@ def student_phases(config: str, overrides: list[str], teacher_dim: int, iters: i
 
 
 def fit_steps(steps: int, warmup: int, every: int) -> list[int]:
-    """The steps (1-based, completed) after which the concept bank is fitted; the rule of kclip.train.concept_fit_due."""
+    """The steps (1-based, completed) after which the concept bank is fitted; the rule of kclip.task.concept_fit_due."""
     return [s for s in range(1, steps + 1)
             if s == warmup or (every > 0 and s > warmup and (s - warmup) % every == 0)]
 

@@ -3,7 +3,7 @@
 OUT/
   losses.png        every loss/* term over steps (one panel per term, one line per run)
   lr.png, logit_scale.png
-  throughput.png    per run: mean milliseconds per micro-step spent in data / teacher / student / k-means (stacked;
+  throughput.png    per run: mean milliseconds per step spent in data / teacher / student / k-means (stacked;
                     k-means time is spread over its logging window) and samples/s (right axis)
   concepts.png      concept drift and moved ids at every k-means (re)fit; cluster sizes (sorted) at the last fit
   eval.png          every eval/* metric over steps
@@ -117,7 +117,7 @@ def plot_throughput(runs: list[Run], path: Path) -> Path | None:
         rows = {r["step"]: r for r in run.rows if any(k in r for k in TIMES)}
         stacks = [[rows[s].get(k, 0.0) for s in steps] for k in TIMES]
         ax.stackplot(steps, stacks, labels=[k.removesuffix("_ms") for k in TIMES], alpha=0.8)
-        ax.set_ylabel("ms per micro-step")
+        ax.set_ylabel("ms per step")
         ax.set_xlabel("step")
         ax.set_title(run.name, fontsize=9)
         ax.legend(fontsize=7, loc="upper left")

@@ -1,8 +1,8 @@
 """The Knowledge-CLIP training loop, top to bottom.
 
-Per optimizer step:  batch -> frozen ZeRO-3 teacher embeds the captions (no grad, a collective)
-                     -> student forward -> contrastive (globally gathered) + distillation + concept losses
-                     -> engine.backward / engine.step.
+Per optimizer step:  the step's micro-batches -> `KnowledgeCLIPTask.step` (kclip/task.py): the frozen ZeRO-3
+                     teacher embeds the captions (no grad, a collective) -> student forward -> contrastive (globally
+                     gathered) + distillation + concept losses over the whole step's batch -> backward / step.
 Every `concepts.recompute_every` steps after a warm-up, the concept centroids are re-fitted from the teacher
 embeddings of recent steps on all ranks and re-matched to the previous ids.
 """
@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,21 +24,17 @@ import torch
 from tqdm import tqdm
 
 from kclip import checkpoint, dist
-from kclip.buffer import EmbeddingBuffer
-from kclip.concepts import ConceptBank
 from kclip.config import Config, diff_configs, from_dict, save_config, to_dict
 from kclip.data.loader import build_loader
 from kclip.ds_config import load_template
 from kclip.evaluate import evaluate_split
-from kclip.losses import KnowledgeCLIPLoss
 from kclip.metrics import MetricsLogger
 from kclip.models.knowledge_clip import KnowledgeCLIP
-from kclip.models.student import clamp_logit_scale_
-from kclip.models.teacher import Teacher, build_teacher
+from kclip.models.teacher import build_teacher
 from kclip.models.token_init import init_token_embeddings
 from kclip.schedule import lr_at
-from kclip.teacher_cache import TeacherCache, embed_cached, open_cache
-from kclip.teacher_stats import TeacherStats, normalized_target
+from kclip.task import KnowledgeCLIPTask, StepResult
+from kclip.teacher_cache import open_cache
 from kclip.tokenizers import student_tokenizer
 
 log = logging.getLogger("kclip.train")
@@ -86,29 +81,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=torch.cuda.is_available())
 
 
-class Timer:
-    """Wall-clock milliseconds per phase. On GPU it synchronises so that asynchronous kernels are attributed to the
-    phase that launched them (honest numbers cost a little overlap)."""
-
-    def __init__(self):
-        self.ms: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        yield
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.ms[name] = self.ms.get(name, 0.0) + 1000 * (time.perf_counter() - start)
-
-    def pop(self, per: int) -> dict[str, float]:
-        """Milliseconds per unit (micro-batch) since the last pop."""
-        out, self.ms = {k: v / max(1, per) for k, v in self.ms.items()}, {}
-        return out
-
-
 class StopSignal:
     """SIGTERM / SIGUSR1 (SLURM's --signal, a scheduler's preemption notice) only set a flag here; the ranks agree on
     it at the next step boundary, checkpoint together and exit cleanly. Acting inside the handler could leave ranks
@@ -143,41 +115,27 @@ def endless(loader):
     raise TrainingError("the training loader yields no batch: the dataset is smaller than one global batch")
 
 
-def concept_fit_due(step: int, cfg: Config) -> bool:
-    """After step `step` (0-based) completes: the first fit ends the warm-up, then every `recompute_every` steps."""
-    done = step + 1
-    c = cfg.concepts
-    if done == c.warmup_steps:
-        return True
-    return c.recompute_every > 0 and done > c.warmup_steps and (done - c.warmup_steps) % c.recompute_every == 0
-
-
-def all_finite(total: torch.Tensor) -> bool:
-    """Collective: True on every rank only if the loss is finite on every rank."""
-    flag = torch.tensor([float(torch.isfinite(total.detach()).all())], device=total.device)
-    return dist.all_reduce_sum(flag).item() == dist.world_size()
-
-
 class LogWindow:
     """Loss terms, samples and time since the last log line, summarised over all ranks."""
 
     def __init__(self):
         self.terms: dict[str, torch.Tensor] = {}
-        self.micro_batches = self.samples = 0
+        self.steps = self.samples = 0
         self.logit_scale = float("nan")
         self.start = time.perf_counter()
 
-    def add(self, terms: dict[str, torch.Tensor], total: torch.Tensor, *, logit_scale: torch.Tensor, samples: int):
-        for key, value in {**terms, "total": total}.items():
-            self.terms[key] = self.terms.get(key, 0.0) + value.detach()
-        self.micro_batches += 1
-        self.samples += samples
-        self.logit_scale = float(logit_scale.detach())
+    def add(self, result: StepResult):
+        """A finite step's loss terms (the skipped ones are counted and logged by the loop)."""
+        for key, value in {**result.terms, "total": result.total}.items():
+            self.terms[key] = self.terms.get(key, 0.0) + value
+        self.steps += 1
+        self.samples += result.samples
+        self.logit_scale = float(result.logit_scale)
 
     def summary(self) -> dict[str, float]:
-        """Collective (one all-reduce): mean loss terms over the window's micro-batches and all ranks, throughput;
-        then starts a new window."""
-        n = max(1, self.micro_batches)
+        """Collective (one all-reduce): mean loss terms over the window's steps and all ranks, throughput; then
+        starts a new window."""
+        n = max(1, self.steps)
         out = global_mean({f"loss/{k}": v / n for k, v in self.terms.items()})
         out.update(logit_scale=self.logit_scale,
                    samples_per_s=self.samples / max(time.perf_counter() - self.start, 1e-9))
@@ -206,11 +164,7 @@ class Run:
     engine: object  # deepspeed.DeepSpeedEngine around KnowledgeCLIP
     tokenizer: object
     loader: object  # StreamingDataLoader over the training split
-    teacher: Teacher | None = None
-    cache: TeacherCache | None = None
-    stats: TeacherStats | None = None
-    bank: ConceptBank | None = None
-    buffer: EmbeddingBuffer | None = None
+    task: KnowledgeCLIPTask  # the step: teacher, teacher cache and statistics, concept bank and buffer, loss
     counters: dict = field(default_factory=lambda: {"skipped_nonfinite": 0, "replaced_samples": 0,
                                                    "truncated_captions": 0, "samples": 0})
     start_step: int = 0
@@ -240,16 +194,8 @@ def setup(cfg: Config, run_dir: Path, *, load_universal: bool) -> Run:
         seed=cfg.train.seed, shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
         num_canonical_nodes=cfg.data.num_canonical_nodes,
     )
-    run = Run(cfg, run_dir, engine, tokenizer, loader, teacher)
-    if teacher is not None:
-        run.stats = TeacherStats(teacher.hidden_size, cfg.loss.distill_target)
-        if cfg.teacher.cache:
-            run.cache = open_cache(cfg, teacher, run_dir)
-    if cfg.loss.concept_weight > 0:
-        run.bank = ConceptBank(cfg.concepts.k, teacher.hidden_size, niter=cfg.concepts.niter, seed=cfg.concepts.seed,
-                               warm_start=cfg.concepts.warm_start, center=cfg.concepts.center)
-        run.buffer = EmbeddingBuffer(cfg.concepts.buffer_size)
-    return run
+    cache = open_cache(cfg, teacher, run_dir) if teacher is not None and cfg.teacher.cache else None
+    return Run(cfg, run_dir, engine, tokenizer, loader, KnowledgeCLIPTask(cfg, engine, teacher=teacher, cache=cache))
 
 
 def restore(run: Run, tag_dir: Path, *, elastic: bool, allow_config_change: bool) -> None:
@@ -264,14 +210,15 @@ def restore(run: Run, tag_dir: Path, *, elastic: bool, allow_config_change: bool
     run.start_step = client["step"]
     run.loader.load_state_dict(client["loader"])
     run.counters.update(client["counters"])
-    if run.bank is not None and client.get("concepts"):
-        run.bank.load_state_dict(client["concepts"])
-    if run.stats is not None:
-        run.stats.load_state_dict(client["teacher_stats"])
+    task = run.task
+    if task.bank is not None and client.get("concepts"):
+        task.bank.load_state_dict(client["concepts"])
+    if task.stats is not None:
+        task.stats.load_state_dict(client["teacher_stats"])
     if not elastic:
         checkpoint.set_rng_state(rank_state["rng"])
-        if run.buffer is not None:
-            run.buffer.load_state_dict(rank_state["buffer"])
+        if task.buffer is not None:
+            task.buffer.load_state_dict(rank_state["buffer"])
     elif dist.is_main():
         log.warning("elastic resume: saved on %d ranks, running on %d with the same global batch; the sample order "
                     "continues exactly, per-rank RNG states and embedding buffers start afresh",
@@ -284,16 +231,17 @@ def save(run: Run, step: int) -> None:
         UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE,
     )
 
+    task = run.task
     client_state = {
         "step": step, "loader": run.loader.state_dict(), "counters": run.counters, "world_size": dist.world_size(),
-        "concepts": run.bank.state_dict() if run.bank is not None else None, "config": to_dict(run.cfg),
-        "teacher_stats": run.stats.state_dict() if run.stats is not None else None,
+        "concepts": task.bank.state_dict() if task.bank is not None else None, "config": to_dict(run.cfg),
+        "teacher_stats": task.stats.state_dict() if task.stats is not None else None,
         # Lets DeepSpeed convert this checkpoint to its universal format for a resume on another world size.
         UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
     }
-    rank_state = {"rng": checkpoint.rng_state(), "buffer": run.buffer.state_dict() if run.buffer is not None else None}
-    if run.cache is not None:
-        run.cache.flush()
+    rank_state = {"rng": checkpoint.rng_state(), "buffer": task.buffer.state_dict() if task.buffer is not None else None}
+    if task.cache is not None:
+        task.cache.flush()
     checkpoint.save(run.engine, run.run_dir / "checkpoints", step, client_state, rank_state, run.cfg.checkpoint.keep_last)
 
 
@@ -312,10 +260,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     run = setup(cfg, run_dir, load_universal=elastic)
     if tag_dir is not None:
         restore(run, tag_dir, elastic=elastic, allow_config_change=allow_config_change)
-    engine, teacher, cache, bank, buffer, counters = run.engine, run.teacher, run.cache, run.bank, run.buffer, run.counters
-    stats = run.stats
+    engine, task, counters = run.engine, run.task, run.counters
     start_step, accum = run.start_step, engine.gradient_accumulation_steps()
-    loss_fn = KnowledgeCLIPLoss(cfg.loss)
 
     logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, config=to_dict(cfg), enabled=dist.is_main(),
                            wandb_project=cfg.log.wandb_project if cfg.log.wandb else None)
@@ -331,7 +277,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     preempted_marker = run_dir / "PREEMPTED"
     if dist.is_main():
         preempted_marker.unlink(missing_ok=True)
-    timer, window = Timer(), LogWindow()
+    timer, window = task.timer, LogWindow()
     batches = endless(run.loader)
     bad_streak = 0
     last_eval: dict = {}
@@ -343,62 +289,37 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
                    min_lr_ratio=cfg.optim.min_lr_ratio)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        for _ in range(accum):
-            with timer("data_ms"):
-                batch = next(batches)
+        with timer("data_ms"):
+            micro_batches = [next(batches) for _ in range(accum)]
+        for batch in micro_batches:
             counters["replaced_samples"] += int(batch["replaced"].sum())
             counters["truncated_captions"] += int(batch["truncated"].sum())
-            teacher_target = soft_labels = None
-            if teacher is not None:
-                with timer("teacher_ms"):
-                    teacher_emb = embed_cached(teacher, cache, batch).to(device)
-                # Every rank adds the same gathered batch, so the statistics stay identical without another collective.
-                stats.update(dist.all_gather_rows(teacher_emb))
-                teacher_target = normalized_target(stats, teacher_emb)
-                if bank is not None:
-                    buffer.add(teacher_emb)
-                    if bank.fitted:
-                        soft_labels = bank.soft_labels(teacher_emb, cfg.concepts.tau)
-            with timer("student_ms"):
-                out = engine(batch["pixels"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                total, terms = loss_fn(
-                    image_emb=out["image_emb"], text_emb=out["text_emb"], logit_scale=out["logit_scale"],
-                    distill_pred=out.get("distill_pred"), teacher_target=teacher_target,
-                    concept_logits=out.get("concept_logits"), soft_labels=soft_labels,
-                )
-                # All ranks must take the same branch, or the gradient all-reduce would hang: agree on finiteness.
-                finite = all_finite(total)
-                if finite:
-                    engine.backward(total)
-                    engine.step()
-                    clamp_logit_scale_(engine.module.student.logit_scale, cfg.student.max_logit_scale)
-            if finite:
-                bad_streak = 0
-                window.add(terms, total, logit_scale=out["logit_scale"], samples=batch["pixels"].shape[0] * world)
-                counters["samples"] += batch["pixels"].shape[0] * world
-                continue
+        result = task.step(micro_batches)
+        if result.finite:
+            bad_streak = 0
+            window.add(result)
+            counters["samples"] += result.samples
+        else:
+            # The step advances all the same (schedule, sample order and checkpoint tags follow the batches
+            # consumed); DeepSpeed saw no backward and no step, so engine.global_steps = step + 1 - skipped.
             counters["skipped_nonfinite"] += 1
             bad_streak += 1
-            bad_terms = [k for k, v in terms.items() if not math.isfinite(float(v))] or ["total"]
+            bad_terms = [k for k, v in result.terms.items() if not math.isfinite(float(v))] or ["total"]
             if dist.is_main():
                 log.warning("step %d: non-finite loss (%s); update skipped", step, ", ".join(bad_terms))
             if bad_streak >= cfg.train.max_bad_steps:
                 raise TrainingError(f"step {step}: {bad_streak} consecutive non-finite losses "
                                     f"(terms: {', '.join(bad_terms)}); stopping")
-
-        fit_stats = None
-        if bank is not None and concept_fit_due(step, cfg):
-            with timer("kmeans_ms"):
-                fit_stats = bank.fit(buffer.tensor(), mean=stats.mean)
+        fit_stats = task.refit_concepts_if_due(step)
 
         if (step + 1) % cfg.log.every == 0 or step + 1 == cfg.train.steps or fit_stats is not None:
-            phase_ms = timer.pop(per=window.micro_batches)
+            phase_ms = timer.pop(per=window.steps)
             values = {**window.summary(), "lr": lr, **phase_ms, **{f"count/{k}": v for k, v in counters.items()},
                       "rss_mb": psutil.Process().memory_info().rss / 2**20}
-            if teacher is not None:
-                values.update(teacher_tokens=teacher.tokens_processed, teacher_tokens_padded=teacher.tokens_padded)
-                if cache is not None:
-                    values["teacher_cache_hit_rate"] = cache.hit_rate
+            if task.teacher is not None:
+                values.update(teacher_tokens=task.teacher.tokens_processed, teacher_tokens_padded=task.teacher.tokens_padded)
+                if task.cache is not None:
+                    values["teacher_cache_hit_rate"] = task.cache.hit_rate
             if fit_stats is not None:
                 values.update({f"concepts/{k}": v for k, v in fit_stats.items()})
             logger.log(step + 1, values)

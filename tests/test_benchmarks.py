@@ -23,7 +23,7 @@ from common import wall_ms_per_step
 
 def test_fit_steps_follow_the_trainers_schedule():
     from kclip.config import Config
-    from kclip.train import concept_fit_due
+    from kclip.task import concept_fit_due
 
     for warmup, every, steps in [(10, 50, 200), (20, 1000, 12200), (4, 10, 30), (5, 0, 40)]:
         cfg = Config()
