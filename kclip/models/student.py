@@ -120,7 +120,8 @@ def clamp_logit_scale_(log_scale: nn.Parameter, max_log_scale: float) -> None:
     The optimizer updates its fp32 master copy and copies it into the module afterwards, so both are set: the
     module's for the next forward, the master's (through DeepSpeed's fragment API) so the next step starts there.
     """
-    if float(log_scale.max()) <= max_log_scale:
+    # A meta tensor (benchmarks/scaling_table.py counts parameters without memory) has no value to clamp.
+    if log_scale.is_meta or float(log_scale.max()) <= max_log_scale:
         return
     from deepspeed.utils import safe_set_full_fp32_param
 
