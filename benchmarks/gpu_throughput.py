@@ -114,9 +114,9 @@ def run(args) -> dict:
 
     from kclip import dist
     from kclip.concepts import ConceptBank
-    from kclip.losses import KnowledgeCLIPLoss
     from kclip.models.knowledge_clip import KnowledgeCLIP
     from kclip.models.teacher import build_teacher
+    from kclip.task import KnowledgeCLIPTask
     from kclip.tokenizers import load_tokenizer
     from kclip.train import build_optimizer, student_ds_config
 
@@ -142,7 +142,8 @@ def run(args) -> dict:
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=student_ds_config(cfg))
     student_flops, student_info = student_flops_per_sample(model, cfg)
     param_dtype = next(engine.module.parameters()).dtype
-    loss_fn = KnowledgeCLIPLoss(cfg.loss)
+    # The trainer's step glue; the teacher is timed here on its own, so the task gets its targets from this loop.
+    task = KnowledgeCLIPTask(cfg, engine)
     gen = torch.Generator().manual_seed(0)
     vocab = teacher.module.config.vocab_size
     s = cfg.student
@@ -150,6 +151,7 @@ def run(args) -> dict:
     pixels = torch.randn(args.batch, 3, s.image_size, s.image_size, generator=gen).to(device)
     text_ids = torch.randint(3, len(tokenizer), (args.batch, s.text_max_len), generator=gen).to(device)
     text_mask = torch.ones_like(text_ids)
+    batch = {"pixels": pixels, "input_ids": text_ids, "attention_mask": text_mask}
     captions = [caption_batch(args.batch, args.mean_tokens, args.max_len, vocab, gen)
                 for _ in range(args.warmup + args.steps)]
 
@@ -170,12 +172,9 @@ def run(args) -> dict:
         soft = bank.soft_labels(teacher_emb, cfg.concepts.tau)
         sync()
         c = time.perf_counter()
-        out = engine(pixels, text_ids, text_mask)
-        total, _ = loss_fn(image_emb=out["image_emb"], text_emb=out["text_emb"], logit_scale=out["logit_scale"],
-                           distill_pred=out.get("distill_pred"), teacher_target=teacher_emb,
-                           concept_logits=out.get("concept_logits"), soft_labels=soft)
-        engine.backward(total)
-        engine.step()
+        total, _ = task.loss(task.forward(batch), {"teacher_target": teacher_emb, "soft_labels": soft})
+        task.backward(total)
+        task.optimizer_step()
         sync()
         d = time.perf_counter()
         if i >= args.warmup:

@@ -110,8 +110,8 @@ def student_phases(config: str, overrides: list[str], teacher_dim: int, iters: i
     from kclip.concepts import ConceptBank
     from kclip.config import load_config
     from kclip.data.loader import build_loader
-    from kclip.losses import KnowledgeCLIPLoss
     from kclip.models.knowledge_clip import KnowledgeCLIP
+    from kclip.task import KnowledgeCLIPTask
     from kclip.tokenizers import load_tokenizer
     from kclip.train import build_optimizer, seed_everything, student_ds_config
 
@@ -132,28 +132,24 @@ def student_phases(config: str, overrides: list[str], teacher_dim: int, iters: i
     teacher_emb = F.normalize(torch.randn(b, teacher_dim, generator=gen), dim=1)
     soft_labels = bank.soft_labels(teacher_emb, cfg.concepts.tau)
 
-    engines, losses = {}, {}
+    tasks = {}
     for name, c in cfgs.items():
         seed_everything(c.train.seed)
         model = KnowledgeCLIP(c, tokenizer, teacher_dim if name == "kclip" else None)
-        engines[name], *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, c),
-                                                 config=student_ds_config(c))
-        losses[name] = KnowledgeCLIPLoss(c.loss)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, c), config=student_ds_config(c))
+        tasks[name] = KnowledgeCLIPTask(c, engine)  # the trainer's step glue, fed the random targets above
     times = {name: {"fwd_loss_ms": [], "backward_ms": [], "step_ms": []} for name in cfgs}
     order = list(cfgs)
     for i in range(iters + 2):
         for name in order if i % 2 == 0 else order[::-1]:
-            engine = engines[name]
-            extra = {"teacher_target": teacher_emb, "soft_labels": soft_labels} if name == "kclip" else {}
+            task = tasks[name]
+            targets = {"teacher_target": teacher_emb, "soft_labels": soft_labels} if name == "kclip" else {}
             t0 = time.perf_counter()
-            out = engine(batch["pixels"], batch["input_ids"], batch["attention_mask"])
-            total, _ = losses[name](image_emb=out["image_emb"], text_emb=out["text_emb"],
-                                    logit_scale=out["logit_scale"], distill_pred=out.get("distill_pred"),
-                                    concept_logits=out.get("concept_logits"), **extra)
+            total, _ = task.loss(task.forward(batch), targets)
             t1 = time.perf_counter()
-            engine.backward(total)
+            task.backward(total)
             t2 = time.perf_counter()
-            engine.step()
+            task.optimizer_step()
             t3 = time.perf_counter()
             if i >= 2:  # two warm-up iterations
                 for key, dt in zip(times[name], (t1 - t0, t2 - t1, t3 - t2)):

@@ -91,8 +91,8 @@ def component_profile(model_dir: str, tsv: str, mds: str, config: str, iters: in
 
     from kclip import dist
     from kclip.config import load_config
-    from kclip.losses import KnowledgeCLIPLoss
     from kclip.models.knowledge_clip import KnowledgeCLIP
+    from kclip.task import KnowledgeCLIPTask
     from kclip.tokenizers import load_tokenizer
     from kclip.train import build_optimizer, seed_everything, student_ds_config
 
@@ -105,15 +105,14 @@ def component_profile(model_dir: str, tsv: str, mds: str, config: str, iters: in
     ids = torch.randint(3, len(tok), (b, s.text_max_len), generator=gen)
     ids[:, -1] = tok.eos_token_id  # full-length captions, as with --captions long
     mask = torch.ones_like(ids)
-    loss_fn = KnowledgeCLIPLoss(cfg.loss)
-
-    def kclip_loss(model):
-        out = model(pixels, ids, mask)
-        return loss_fn(image_emb=out["image_emb"], text_emb=out["text_emb"], logit_scale=out["logit_scale"])[0]
-
     seed_everything(0)
     module = KnowledgeCLIP(cfg, tok, None)
     engine, *_ = deepspeed.initialize(model=module, optimizer=build_optimizer(module, cfg), config=student_ds_config(cfg))
+    task = KnowledgeCLIPTask(cfg, engine)  # the trainer's step glue
+
+    def kclip_loss(model):
+        return task.loss(model(pixels, ids, mask), {})[0]
+
     seed_everything(0)
     plain = KnowledgeCLIP(cfg, tok, None)
     plain_opt = build_optimizer(plain, cfg)
@@ -138,7 +137,7 @@ def component_profile(model_dir: str, tsv: str, mds: str, config: str, iters: in
         return oc_loss(out["image_features"], out["text_features"], out["logit_scale"])
 
     variants = {
-        "kclip module, DeepSpeed engine": (lambda: kclip_loss(engine), engine.backward, engine.step),
+        "kclip module, DeepSpeed engine": (lambda: kclip_loss(engine), task.backward, task.optimizer_step),
         "kclip module, torch AdamW": (lambda: kclip_loss(plain), torch.Tensor.backward, torch_step(plain, plain_opt)),
         "open_clip model, torch AdamW": (oc_forward, torch.Tensor.backward, torch_step(oc, oc_opt)),
         "kclip image tower": (lambda: plain.encode_image(pixels).square().mean(), torch.Tensor.backward, plain_opt.zero_grad),
