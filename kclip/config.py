@@ -117,7 +117,7 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 1000
     global_batch_size: int = 256  # samples per optimizer step over all ranks
-    micro_batch_size: int | None = None  # per rank per forward; None = global / world (no accumulation)
+    micro_batch_size: int | None = None  # per rank per forward; None = global / world (no accumulation); smaller: GradCache
     seed: int = 0
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU | fp32 | bf16
     zero_stage: int = 1  # student engine: 1 or 2
