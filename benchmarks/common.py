@@ -52,6 +52,21 @@ def machine() -> dict:
     return info
 
 
+def rss_kib(field: str) -> int:
+    """A memory field of this process from /proc/self/status, in KiB: VmRSS (now), VmHWM (peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM (the peak RSS) to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def bench_env(threads: int, **extra: str) -> dict:
     """Environment for a child training process: a single-process launch (no inherited rank variables), `threads`
     OpenMP threads (more threads than free cores make torch spin against the data workers), unbuffered output."""

@@ -25,16 +25,10 @@ import subprocess
 import sys
 import time
 
+from common import reset_peak_rss, rss_kib
+
 MODES = {"full": (False, False), "local": (True, False), "full+chunk": (False, True), "local+chunk": (True, True)}
 MIB = 2**20
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 def _measure(mode: str, n: int, world: int, dim: int, chunk: int, repeats: int, device: str) -> dict:
@@ -67,11 +61,10 @@ def _measure(mode: str, n: int, world: int, dim: int, chunk: int, repeats: int, 
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = _rss_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
+        base = rss_kib("VmRSS")
+        reset_peak_rss()
         step()
-        peak = (_rss_kib("VmHWM") - base) * 1024
+        peak = (rss_kib("VmHWM") - base) * 1024
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

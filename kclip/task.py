@@ -148,12 +148,14 @@ class KnowledgeCLIPTask:
                 out["soft_labels"] = self.bank.soft_labels(emb, self.cfg.concepts.tau)
         return out
 
-    def step(self, batches: list[dict]) -> StepResult:
-        """One optimizer step over this rank's micro-batches (as many as the engine accumulates). Collective."""
+    def step(self, batches: list[dict], targets: dict | None = None) -> StepResult:
+        """One optimizer step over this rank's micro-batches (as many as the engine accumulates). Collective.
+        `targets` for the step's rows come from the teacher (`targets`) unless given (benchmarks give random ones)."""
         if len(batches) != self.engine.gradient_accumulation_steps():
             raise ValueError(f"{len(batches)} micro-batches for an engine that accumulates "
                              f"{self.engine.gradient_accumulation_steps()}")
-        targets = self.targets(batches)
+        if targets is None:
+            targets = self.targets(batches)
         with self.timer("student_ms"):
             if len(batches) == 1:
                 out = self.forward(batches[0])

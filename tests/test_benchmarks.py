@@ -121,3 +121,19 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
     assert r["student"]["samples_per_s"] > 0 and r["cold_step"]["samples_per_s"] < r["warm_step_samples_per_s"]
     assert r["teacher"]["mfu"] is None  # no peak is known for a CPU
     assert r["student"]["image_tokens"] == (32 // 8) ** 2 + 1
+
+
+def test_grad_cache_benchmark_on_the_smoke_config(tmp_path):
+    """The three variants (big batch, GradCache, plain accumulation) run side by side and report time and memory."""
+    out = tmp_path / "gc.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "benchmarks/grad_cache.py", "--config", "smoke", "--batch", "16", "--micro",
+                           "4", "--iters", "1", "--teacher-dim", "48", "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert set(r["medians"]) == {"big batch", "GradCache", "plain accum"}
+    assert all(len(v) == 1 and v[0] > 0 for v in r["seconds"].values())
+    assert r["medians"]["big batch"]["x_big_batch"] == 1.0
