@@ -143,6 +143,28 @@ class LogWindow:
         return out
 
 
+class BadSteps:
+    """Non-finite steps: counted (`count/skipped_nonfinite`) and logged with their terms; `train.max_bad_steps` in a
+    row stop the run. A skipped step still advances the loop (schedule, sample order and checkpoint tags follow the
+    batches consumed); DeepSpeed saw neither backward nor step for it, so engine.global_steps = steps - skipped."""
+
+    def __init__(self, limit: int, counters: dict):
+        self.limit, self.counters, self.streak = limit, counters, 0
+
+    def record(self, step: int, result: StepResult) -> None:
+        if result.finite:
+            self.streak = 0
+            return
+        self.counters["skipped_nonfinite"] += 1
+        self.streak += 1
+        bad_terms = [k for k, v in result.terms.items() if not math.isfinite(float(v))] or ["total"]
+        if dist.is_main():
+            log.warning("step %d: non-finite loss (%s); update skipped", step, ", ".join(bad_terms))
+        if self.streak >= self.limit:
+            raise TrainingError(f"step {step}: {self.streak} consecutive non-finite losses "
+                                f"(terms: {', '.join(bad_terms)}); stopping")
+
+
 def global_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
     """Average scalar terms over ranks in one all-reduce, so logged numbers describe the global batch."""
     if not values:
@@ -152,6 +174,21 @@ def global_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
     dist.all_reduce_sum(stacked)
     stacked /= dist.world_size()
     return {k: float(v) for k, v in zip(keys, stacked.tolist())}
+
+
+def log_values(window: LogWindow, task: KnowledgeCLIPTask, counters: dict, lr: float, fit_stats: dict | None) -> dict:
+    """One log line: the window's losses and throughput, phase times per step, counters, memory, teacher and concept
+    statistics. Collective (the window's all-reduce)."""
+    phase_ms = task.timer.pop(per=window.steps)  # before the summary starts a new window
+    values = {**window.summary(), "lr": lr, **phase_ms, **{f"count/{k}": v for k, v in counters.items()},
+              "rss_mb": psutil.Process().memory_info().rss / 2**20}
+    if task.teacher is not None:
+        values.update(teacher_tokens=task.teacher.tokens_processed, teacher_tokens_padded=task.teacher.tokens_padded)
+        if task.cache is not None:
+            values["teacher_cache_hit_rate"] = task.cache.hit_rate
+    if fit_stats is not None:
+        values.update({f"concepts/{k}": v for k, v in fit_stats.items()})
+    return values
 
 
 @dataclass
@@ -277,9 +314,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     preempted_marker = run_dir / "PREEMPTED"
     if dist.is_main():
         preempted_marker.unlink(missing_ok=True)
-    timer, window = task.timer, LogWindow()
+    window = LogWindow()
     batches = endless(run.loader)
-    bad_streak = 0
+    bad_steps = BadSteps(cfg.train.max_bad_steps, counters)
     last_eval: dict = {}
     # Rank 0's progress bar: steps, ETA and the latest logged loss and throughput (sparser when logging to a file).
     progress = tqdm(total=cfg.train.steps, initial=start_step, unit="step", disable=not dist.is_main(),
@@ -289,39 +326,20 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
                    min_lr_ratio=cfg.optim.min_lr_ratio)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        with timer("data_ms"):
+        with task.timer("data_ms"):
             micro_batches = [next(batches) for _ in range(accum)]
         for batch in micro_batches:
             counters["replaced_samples"] += int(batch["replaced"].sum())
             counters["truncated_captions"] += int(batch["truncated"].sum())
         result = task.step(micro_batches)
+        bad_steps.record(step, result)
         if result.finite:
-            bad_streak = 0
             window.add(result)
             counters["samples"] += result.samples
-        else:
-            # The step advances all the same (schedule, sample order and checkpoint tags follow the batches
-            # consumed); DeepSpeed saw no backward and no step, so engine.global_steps = step + 1 - skipped.
-            counters["skipped_nonfinite"] += 1
-            bad_streak += 1
-            bad_terms = [k for k, v in result.terms.items() if not math.isfinite(float(v))] or ["total"]
-            if dist.is_main():
-                log.warning("step %d: non-finite loss (%s); update skipped", step, ", ".join(bad_terms))
-            if bad_streak >= cfg.train.max_bad_steps:
-                raise TrainingError(f"step {step}: {bad_streak} consecutive non-finite losses "
-                                    f"(terms: {', '.join(bad_terms)}); stopping")
         fit_stats = task.refit_concepts_if_due(step)
 
         if (step + 1) % cfg.log.every == 0 or step + 1 == cfg.train.steps or fit_stats is not None:
-            phase_ms = timer.pop(per=window.steps)
-            values = {**window.summary(), "lr": lr, **phase_ms, **{f"count/{k}": v for k, v in counters.items()},
-                      "rss_mb": psutil.Process().memory_info().rss / 2**20}
-            if task.teacher is not None:
-                values.update(teacher_tokens=task.teacher.tokens_processed, teacher_tokens_padded=task.teacher.tokens_padded)
-                if task.cache is not None:
-                    values["teacher_cache_hit_rate"] = task.cache.hit_rate
-            if fit_stats is not None:
-                values.update({f"concepts/{k}": v for k, v in fit_stats.items()})
+            values = log_values(window, task, counters, lr, fit_stats)
             logger.log(step + 1, values)
             progress.set_postfix(loss=f"{values.get('loss/total', float('nan')):.4f}", lr=f"{lr:.2e}",
                                  samples_s=f"{values['samples_per_s']:.1f}", refresh=False)
