@@ -96,10 +96,9 @@ class KnowledgeCLIPTask:
     """The step of `engine` (a DeepSpeed engine around KnowledgeCLIP). Without a teacher (plain CLIP, or a benchmark
     that supplies its own targets) there are no statistics, concept bank or buffer, and `targets` returns {}."""
 
-    def __init__(self, cfg: Config, engine, *, teacher=None, cache: TeacherCache | None = None,
-                 timer: Timer | None = None):
+    def __init__(self, cfg: Config, engine, *, teacher=None, cache: TeacherCache | None = None):
         self.cfg, self.engine, self.teacher, self.cache = cfg, engine, teacher, cache
-        self.timer = timer or Timer()
+        self.timer = Timer()  # phase times; the loop adds data_ms and pops them per log line
         self.loss_fn = KnowledgeCLIPLoss(cfg.loss)
         self.stats = self.bank = self.buffer = None
         if teacher is not None:
