@@ -1,6 +1,6 @@
 """The training step (`kclip.task.KnowledgeCLIPTask`) called directly on DeepSpeed engines in spawned ranks: GradCache
 accumulation gives one big batch's loss and update with every loss term on, and a non-finite micro-batch skips exactly
-its optimizer step without misaligning DeepSpeed's accumulation window."""
+its optimizer step without misaligning DeepSpeed's accumulation window, also through the training loop."""
 from __future__ import annotations
 
 import math
@@ -106,3 +106,39 @@ def test_a_nan_micro_batch_skips_exactly_its_optimizer_step(shapes, tmp_path, wo
         assert r["finite"] == [True, False, True] and r["unchanged"] == [False, True, False], r
         # DeepSpeed saw whole windows only: 2 updates from 8 micro-steps, its boundary still at every 4th.
         assert r["global_steps"] == 2 and r["micro_steps"] == 8, r
+
+
+def _train_with_a_nan_micro_batch(data: str, run_dir: str) -> dict:
+    """`kclip train`'s loop (in this rank), 4 steps of 4 micro-batches, micro-batch 3 of step 2 NaN; records DeepSpeed's
+    counters after every step."""
+    from kclip.config import load_config
+    from kclip.task import KnowledgeCLIPTask
+    from kclip.train import train
+
+    original, seen = KnowledgeCLIPTask.step, []
+
+    def step(self, batches, targets=None):
+        if len(seen) == 1:
+            batches[2] = {**batches[2], "pixels": torch.full_like(batches[2]["pixels"], math.nan)}
+        result = original(self, batches, targets)
+        seen.append((self.engine.global_steps, self.engine.micro_steps))
+        return result
+
+    KnowledgeCLIPTask.step = step
+    cfg = load_config("smoke", [f"data.train={data}", "train.micro_batch_size=4", "train.steps=4", "log.every=1",
+                                "log.tensorboard=false"])
+    out = train(cfg, run_dir)
+    return {"counters": out["counters"], "seen": seen}
+
+
+def test_the_loop_counts_a_nan_micro_batch_as_one_skipped_step(shapes, tmp_path):
+    from kclip.metrics import read_metrics
+
+    (r,) = run_ranks(_train_with_a_nan_micro_batch, str(shapes), str(tmp_path / "run"), world_size=1)
+    assert r["counters"]["skipped_nonfinite"] == 1, r
+    # engine.global_steps = steps - skipped after every step, and every window starts on DeepSpeed's boundary.
+    assert r["seen"] == [(1, 4), (1, 4), (2, 8), (3, 12)], r
+    # The skipped step's line has its count and no loss (a log window averages finite steps only).
+    rows = [row for row in read_metrics(tmp_path / "run") if "count/skipped_nonfinite" in row]
+    assert [(row["step"], row["count/skipped_nonfinite"], "loss/total" in row) for row in rows] == [
+        (1, 0, True), (2, 1, False), (3, 1, True), (4, 1, True)], rows
