@@ -1,6 +1,8 @@
-"""Evaluation metrics against hand-computed cases: retrieval (several captions per image, identical captions, ties),
-zero-shot, linear probe, kNN overlap, caption reconstruction, and the AWA2/CUB readers on tiny fake folders."""
+"""Evaluation metrics against hand-computed cases: retrieval (several captions per image, identical captions, ties,
+captions that only truncation makes equal), zero-shot, linear probe, kNN overlap, caption reconstruction, and the AWA2/CUB readers on tiny fake folders."""
 from __future__ import annotations
+
+import csv
 
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ from evalruns import single_thread
 from PIL import Image
 
 from kclip.config import load_config
+from kclip.data.cli import prepare_main
+from kclip.data.loader import build_loader, tokenize
 from kclip.eval import attributes
 from kclip.eval.caption_em import ProbeConfig, caption_em, exact_match, train_decoder
 from kclip.eval.knn_overlap import distinct_captions, knn_overlap
@@ -24,7 +28,7 @@ from kclip.eval.model_io import (
 )
 from kclip.eval.retrieval import retrieval_metrics
 from kclip.eval.zeroshot import class_embeddings, classification_metrics, load_templates
-from kclip.evaluate import image_id
+from kclip.evaluate import caption_key, embed_split, evaluate_split, image_id
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -101,6 +105,52 @@ def encoder():
     model = build_encoder(cfg, tok).eval()
     return LoadedModel(model, TextTokenizer(tok, cfg.student.text_max_len), cfg, source="random",
                        preprocess=preprocess_spec(cfg.student.image_size))
+
+
+def captioned_mds(root, captions: list[str]) -> str:
+    """An MDS folder with one pair per caption, each on its own plain-coloured image."""
+    root.mkdir(parents=True)
+    with open(root / "pairs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "title"])
+        for i, caption in enumerate(captions):
+            Image.new("RGB", (32, 32), (200 - 60 * i, 40 + 60 * i, 90)).save(root / f"{i}.png")
+            writer.writerow([f"{i}.png", caption])
+    out = root / "mds"
+    assert prepare_main(["csv", "--src", str(root / "pairs.csv"), "--out", str(out)]) == 0
+    return str(out)
+
+
+def split_loader(data: str, loaded):
+    """The loader kclip.train evaluates with (not kclip eval's), so both callers of embed_split are covered."""
+    return build_loader(data, batch_size=8, image_size=loaded.cfg.student.image_size, train=False,
+                        student_tokenizer=loaded.tokenizer.hf, student_max_len=loaded.tokenizer.max_len,
+                        shuffle=False, num_workers=0)
+
+
+def test_captions_equal_only_after_truncation_stay_different_texts(tmp_path, encoder):
+    prefix = "an emoji of a caption long enough to run past the smoke student's limit: "
+    captions = [prefix + "red", prefix + "blue"]
+    ids, _, truncated = tokenize(encoder.tokenizer.hf, captions, encoder.tokenizer.max_len)
+    assert truncated.all() and torch.equal(ids[0], ids[1])  # the student reads one text twice
+    loader = split_loader(captioned_mds(tmp_path / "pairs", captions), encoder)
+    emb = embed_split(encoder.model, loader, encoder.device)
+    assert emb["caption"] == captions and emb["text_key"][0] != emb["text_key"][1]
+    torch.testing.assert_close(emb["text"][0], emb["text"][1])
+    m = evaluate_split(encoder.model, loader, encoder.device)
+    # Each image's own caption ties with the other image's (same embedding), and ties count against: no credit for
+    # the collision. Keyed by token ids, both captions would be positives of both images and every R@1 would be 1.
+    assert m["retrieval/i2t_R@1"] == 0.0 and m["retrieval/t2i_R@1"] <= 0.5
+    # No case or whitespace folding either: some encoders tell these apart.
+    assert len({caption_key(c) for c in ("a red circle", "A red circle", "a red  circle", "a red circle ")}) == 4
+
+
+def test_identical_raw_captions_are_one_text(tmp_path, encoder):
+    loader = split_loader(captioned_mds(tmp_path / "pairs", ["a red circle", "a red circle"]), encoder)
+    emb = embed_split(encoder.model, loader, encoder.device)
+    assert emb["text_key"][0] == emb["text_key"][1] and emb["image_key"][0] != emb["image_key"][1]
+    m = evaluate_split(encoder.model, loader, encoder.device)
+    assert m["retrieval/i2t_R@1"] == m["retrieval/t2i_R@1"] == 1.0 and m["num_samples"] == 2
 
 
 def test_zero_shot_class_embedding_is_normalised_prompt_mean_and_separable_is_perfect(encoder):

@@ -1,15 +1,19 @@
 """`kclip eval` on tiny trained runs: embeddings gathered once per sample, every documented key written, the
-checkpoint read back exactly (same retrieval numbers as the training loop's own evaluation), and 2-rank evaluation."""
+checkpoint read back exactly (same retrieval numbers as the training loop's own evaluation), the teacher kNN probe of
+a plain-CLIP run given a teacher, and 2-rank evaluation."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 from evalruns import single_thread, tiny_runs
 from multiproc import run_ranks
+from transformers import LlamaConfig, LlamaModel
 
 from kclip.eval.model_io import load_model
-from kclip.eval.run import eval_loader, evaluate, main
+from kclip.eval.run import eval_loader, evaluate, main, teacher_config
+from kclip.tokenizers import load_tokenizer
 from kclip.evaluate import embed_split
 from kclip.metrics import read_metrics
 
@@ -63,6 +67,27 @@ def test_eval_cli_plain_run_probe_train_and_errors(runs, tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "nothing"), "--data", str(runs["data"])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kclip eval: error:")
+
+
+def test_plain_run_given_a_teacher_reports_knn_overlap_with_its_own_teacher_settings(runs, tmp_path):
+    loaded = load_model(runs["plain"])
+    assert not loaded.cfg.needs_teacher and loaded.cfg.teacher.random_config is not None
+    # Weights saved like a real checkpoint, shaped like the smoke config's random teacher (byte ids fit its vocab).
+    folder = tmp_path / "teacher"
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(**loaded.cfg.teacher.random_config)).save_pretrained(folder)
+    load_tokenizer("byte").save_pretrained(folder)
+    loaded.cfg.teacher.layer, loaded.cfg.teacher.pooling = 1, "last"
+    cfg = teacher_config(loaded, str(folder))
+    # The unused teacher settings the run was trained with (layer, pooling, max_len) go with the given weights.
+    assert (cfg.path, cfg.random_config, cfg.layer, cfg.pooling, cfg.max_len) == (str(folder), None, 1, "last", 48)
+    assert loaded.cfg.teacher.random_config is not None
+    out = tmp_path / "m.json"
+    rc = main(["--checkpoint", str(runs["plain"]), "--data", str(runs["data"]), "--teacher", str(folder),
+               "--skip", "retrieval,zeroshot,linear,caption_em", "--knn-k", "3", "--out", str(out)])
+    m = json.loads(out.read_text())
+    assert rc == 0 and 0.0 <= m["probe/teacher_knn_overlap"] <= 1.0
+    assert m["probe/teacher_knn_chance"] == pytest.approx(3 / 11) and not m["protocol/teacher_knn"].startswith("skip")
 
 
 def _rank_eval(run: str, data: str):

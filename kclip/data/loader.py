@@ -195,6 +195,8 @@ class Collate:
             batch["teacher_input_ids"], batch["teacher_attention_mask"] = t_ids, t_mask
             truncated = truncated | t_truncated
         batch["sample_id"] = [s["sample_id"] for s in samples]
+        # The raw text, not only its truncated token ids: evaluation tells captions apart by it.
+        batch["caption"] = captions
         batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
         if self.label_columns:
             batch["labels"] = {c: [s["labels"][c] for s in samples] for c in self.label_columns}

@@ -3,7 +3,7 @@
 Keys (all floats unless noted; absent when the evaluation was skipped or not applicable):
   num_samples                                   distinct (image, caption) pairs in --data (int)
   num_images                                    distinct images in --data (int)
-  retrieval/{i2t,t2i}_R@{1,5,10}                positives: same image id OR identical caption (kclip.eval.retrieval)
+  retrieval/{i2t,t2i}_R@{1,5,10}                positives: same image id OR same raw caption (kclip.eval.retrieval)
   retrieval/{i2t,t2i}_median_rank               1-based
   zeroshot/<col>/{top1,top5,mean_per_class}     class-name prompts over the label values of <col>
   probe/linear/<col>/{top1,top5,mean_per_class,lambda}   logistic regression on frozen image features
@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import torch
-from streaming import StreamingDataLoader
 
 from kclip import dist
 from kclip.checkpoint import CheckpointError
@@ -39,7 +38,7 @@ from kclip.eval.linear_probe import LAMBDAS, VALIDATION_FRACTION, holdout_mask, 
 from kclip.eval.model_io import LoadedModel, ModelLoadError, load_model
 from kclip.eval.retrieval import group_ids, retrieval_metrics
 from kclip.eval.zeroshot import DEFAULT_TEMPLATES, label_targets, load_templates, zero_shot
-from kclip.evaluate import embed_split, stable_hash
+from kclip.evaluate import caption_key, embed_split
 
 PROBES = ("retrieval", "zeroshot", "linear", "knn", "caption_em")
 # Without --probe-train, this fraction of --data (by image id / caption hash) is the probes' test side.
@@ -47,26 +46,11 @@ PROBE_TEST_FRACTION = 0.3
 KNN_MAX_CAPTIONS = 5000
 
 
-class WithCaptions:
-    """Collate that also passes the caption strings (the text probes need the text, not only token ids)."""
-
-    def __init__(self, collate):
-        self.collate = collate
-
-    def __call__(self, samples: list[dict]) -> dict:
-        return {**self.collate(samples), "caption": [s["caption"] for s in samples]}
-
-
 def eval_loader(data_dir: str, loaded: LoadedModel, batch_size: int, label_columns, workers: int):
-    """Every sample of `data_dir` once per rank share, in order, eval transform, captions included.
-
-    build_loader drops a ragged last batch (training needs equal batches); evaluation must see every sample, so its
-    dataset is re-wrapped without drop_last."""
-    base = build_loader(data_dir, batch_size=batch_size, image_size=loaded.cfg.student.image_size, train=False,
+    """Every sample of `data_dir` once per rank share, in order, eval transform, ragged last batch kept."""
+    return build_loader(data_dir, batch_size=batch_size, image_size=loaded.cfg.student.image_size, train=False,
                         student_tokenizer=loaded.tokenizer.hf, student_max_len=loaded.tokenizer.max_len,
                         shuffle=False, num_workers=workers, label_columns=label_columns)
-    return StreamingDataLoader(base.dataset, batch_size=batch_size, collate_fn=WithCaptions(base.collate_fn),
-                               num_workers=workers, drop_last=False)
 
 
 def per_image(emb: dict) -> dict:
@@ -111,7 +95,7 @@ def caption_probe(loaded: LoadedModel, test_emb: dict, train_emb: dict | None, c
     if train_emb is not None:
         train_text, train_caps = distinct(train_emb)
     else:
-        held = holdout_mask(torch.tensor([stable_hash(c.encode()) for c in test_caps]), PROBE_TEST_FRACTION)
+        held = holdout_mask(torch.tensor([caption_key(c) for c in test_caps]), PROBE_TEST_FRACTION)
         train_text, train_caps = test_text[~held], [c for c, h in zip(test_caps, held) if not h]
         test_text, test_caps = test_text[held], [c for c, h in zip(test_caps, held) if h]
     result = caption_em(train_text, train_caps, test_text, test_caps, cfg, device=loaded.device)
@@ -156,7 +140,7 @@ def evaluate(loaded: LoadedModel, *, data: str | None, label_columns=(), templat
         metrics.update(num_samples=int(emb["index"].numel()), num_images=int(group_ids(emb["image_key"])[1].numel()))
         if "retrieval" not in skip:
             metrics.update(retrieval_metrics(emb["image"], emb["text"], emb["image_key"], emb["text_key"]))
-            metrics["protocol/retrieval"] = "positives: same image id or identical caption tokens; ties count against"
+            metrics["protocol/retrieval"] = "positives: same image id or identical raw caption text; ties count against"
         images = per_image(emb)
         if "zeroshot" not in skip:
             for col in label_columns:
