@@ -2,11 +2,11 @@
 `kc` (teacher, distillation, concept bank re-fitted every step) and `plain` (contrastive only), on 24 shapes."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from shapes import make_shapes_mds
+
+from kclip.eval.caption_em import single_thread
 
 _RUNS: dict[str, Path] = {}
 
@@ -29,14 +29,3 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
                 train(cfg, root / name)
         _RUNS.update(kc=root / "kc", plain=root / "plain", data=data)
     return _RUNS
-
-
-@contextmanager
-def single_thread():
-    """One torch thread: on a shared, loaded CPU, two threads contend and tiny ops get ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
