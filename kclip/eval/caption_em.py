@@ -9,6 +9,9 @@ from scratch (no pretrained decoder is available offline) for a fixed budget wit
     loss = cross-entropy of the next byte (teacher forcing), EM = greedy decode == caption bytes.
 Only comparisons between text encoders under the same ProbeConfig and captions mean something: the absolute numbers
 are far below the paper's (no T5 prior over language, smaller budget). Captions longer than `max_bytes` are left out.
+caption_em() runs on one CPU thread: fast on a shared CPU (see single_thread), and its numbers do not depend on the
+machine's core count (the thread count changes float sums in the last bits, which 1000 training steps amplify into a
+few captions more or less decoded exactly).
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ class CaptionDecoder(nn.Module):
 def single_thread():
     """One torch CPU thread inside the block. A decoder training step is hundreds of small matrix products (one per
     byte and layer, forward and backward), and threads synchronise at each: on 2 busy cores a step took 8.6 s with 2
-    threads and 0.49 s with 1. An evaluation often shares its CPU with other jobs; one thread is never that slow."""
+    threads and 0.49 s with 1. An evaluation often shares its CPU with other jobs; with one thread nothing waits."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
