@@ -94,6 +94,9 @@ VARIANTS: dict[str, list[str]] = {
     "distill_contrastive_teacher_tok": ["loss.concept_weight=0", "loss.distill_kind=contrastive",
                                         "loss.distill_target=centered", "student.tokenizer=teacher",
                                         "student.token_init=teacher"],
+    # The same with concept learning on: all three objectives with the teacher's vocabulary.
+    "all_three_teacher_tok": ["loss.distill_kind=contrastive", "loss.distill_target=centered", "student.tokenizer=teacher",
+                              "student.token_init=teacher"],
 }
 
 # Config sections that do not change what a run learns: a run folder that differs only there is still comparable.
