@@ -1,6 +1,6 @@
 """The three Knowledge-CLIP objectives and their weighted sum.
 
-total = alpha * distill + beta * concept + gamma * contrastive   (paper: alpha = gamma = 1, beta = 0.01)
+total = alpha * distill + beta * sum_heads(concept_head) + gamma * contrastive   (paper: alpha = gamma = 1, beta = 0.01)
 
 Every loss is computed in float32 whatever the input dtype: with a logit scale up to 100, bf16 logits are only
 accurate to about +-0.4, which is as large as the differences the softmax has to resolve.

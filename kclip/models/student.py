@@ -7,7 +7,6 @@ Two flavours share one interface (`encode_image`, `encode_text`, `logit_scale`):
 """
 from __future__ import annotations
 
-import math
 import os
 
 import timm
