@@ -14,7 +14,6 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -97,12 +96,6 @@ def kclip_train_cmd(config: str, run_dir: Path, overrides: list[str]) -> list[st
     return [sys.executable, "-m", "kclip.cli", "train", "--config", config, "--output", str(run_dir), *overrides]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def remove_shm_buffers(port: int | str) -> None:
     """DeepSpeed's CPU accelerator leaves a ~69 MB /dev/shm/deepspeed_allreduce_buffer_* per process group behind;
     remove the ones of the group on `port` (the file name carries the master address and port)."""
@@ -114,6 +107,8 @@ def remove_shm_buffers(port: int | str) -> None:
 def run_kclip(cmd: list[str], log_path: Path, env: dict, timeout: float) -> float:
     """`run_logged` for a single-process kclip command on a port chosen here, so its shared-memory buffers can be
     removed afterwards."""
+    from kclip.dist import free_port
+
     port = free_port()
     try:
         return run_logged(cmd, log_path, dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)), timeout)
@@ -122,7 +117,7 @@ def run_kclip(cmd: list[str], log_path: Path, env: dict, timeout: float) -> floa
 
 
 def read_rows(run_dir: Path) -> list[dict]:
-    from kclip.metrics import read_metrics
+    from kclip.train.metrics import read_metrics
 
     return [r for r in read_metrics(run_dir) if "samples_per_s" in r]  # training rows, not eval rows
 

@@ -113,12 +113,12 @@ def run(args) -> dict:
     import torch
 
     from kclip import dist
-    from kclip.concepts import ConceptBank
+    from kclip.concepts.bank import ConceptBank
     from kclip.models.knowledge_clip import KnowledgeCLIP
-    from kclip.models.teacher import build_teacher
-    from kclip.task import KnowledgeCLIPTask
+    from kclip.teacher.model import build_teacher
     from kclip.tokenizers import load_tokenizer
-    from kclip.train import build_optimizer, student_ds_config
+    from kclip.train.loop import build_optimizer, student_ds_config
+    from kclip.train.task import KnowledgeCLIPTask
 
     started = time.perf_counter()
     cfg = build_config(args)

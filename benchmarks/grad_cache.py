@@ -30,7 +30,17 @@ import subprocess
 import sys
 import time
 
-from common import RESULTS, ROOT, machine, median, print_table, remove_shm_buffers, reset_peak_rss, rss_kib, write_json
+from common import (
+    RESULTS,
+    ROOT,
+    machine,
+    median,
+    print_table,
+    remove_shm_buffers,
+    reset_peak_rss,
+    rss_kib,
+    write_json,
+)
 
 VARIANTS = ("big batch", "GradCache", "plain accum")
 TARGET = 1.4
@@ -44,12 +54,12 @@ def measure(args) -> dict:
     import torch.nn.functional as F
 
     from kclip import dist
-    from kclip.concepts import ConceptBank
+    from kclip.concepts.bank import ConceptBank
     from kclip.config import load_config
     from kclip.models.knowledge_clip import KnowledgeCLIP
-    from kclip.task import KnowledgeCLIPTask
     from kclip.tokenizers import load_tokenizer
-    from kclip.train import build_optimizer, seed_everything, student_ds_config
+    from kclip.train.loop import build_optimizer, seed_everything, student_ds_config
+    from kclip.train.task import KnowledgeCLIPTask
 
     torch.set_num_threads(args.threads)
     dist.init()

@@ -57,10 +57,17 @@ import matplotlib.pyplot as plt
 import yaml
 from common import ROOT, bench_env, machine, print_table, run_kclip, write_json
 
-from kclip.checkpoint import tag_for
-from kclip.config import Config, ConfigError, diff_configs, from_dict, load_config, to_dict
+from kclip.config import (
+    Config,
+    ConfigError,
+    diff_configs,
+    from_dict,
+    load_config,
+    to_dict,
+)
+from kclip.config.validate import validate
 from kclip.report import is_number, natural, save
-from kclip.validate import validate
+from kclip.train.checkpoint import tag_for
 
 BASELINE = "plain"
 

@@ -9,7 +9,7 @@ projection of ZeRO-3 within each node (G = 8 GPUs hold one copy, so the per-forw
 Memory per GPU (bf16 = 2 bytes per parameter), G = GPUs sharing one teacher copy (W, or 8 per node):
     teacher shard       2 P / G                        (0 with offload: the shard lives in pinned host memory)
     teacher gathered    2 x (largest gathered tensor + stage3_prefetch_bucket_size), the bucket = int(0.9 h^2) as
-                        kclip.models.teacher.teacher_ds_config sets it; DeepSpeed's stage3_max_live_parameters (1e9)
+                        kclip.teacher.model.teacher_ds_config sets it; DeepSpeed's stage3_max_live_parameters (1e9)
                         bounds it at 2 GB
     teacher activations chunk x max_len tokens x (6 h + 3 i) x 2 bytes (one layer's hidden, q/k/v/o, MLP; no grad)
     student             ZeRO-2 (as kclip/configs/cc3m-llama2-7b-vitb16.yaml): bf16 params whole on every rank, bf16
@@ -126,7 +126,7 @@ MODES = {
 def row(name: str, t: dict, st: dict, nodes: int, mode: str, global_batch: int, chunk: int, max_len: int,
         a: dict) -> dict:
     from kclip.config import TeacherConfig
-    from kclip.models.teacher import teacher_ds_config
+    from kclip.teacher.model import teacher_ds_config
 
     offload = mode == "zero3+cpu"
     world = 8 * nodes

@@ -107,13 +107,13 @@ def student_phases(config: str, overrides: list[str], teacher_dim: int, iters: i
     import torch.nn.functional as F
 
     from kclip import dist
-    from kclip.concepts import ConceptBank
+    from kclip.concepts.bank import ConceptBank
     from kclip.config import load_config
     from kclip.data.loader import build_loader
     from kclip.models.knowledge_clip import KnowledgeCLIP
-    from kclip.task import KnowledgeCLIPTask
     from kclip.tokenizers import load_tokenizer
-    from kclip.train import build_optimizer, seed_everything, student_ds_config
+    from kclip.train.loop import build_optimizer, seed_everything, student_ds_config
+    from kclip.train.task import KnowledgeCLIPTask
 
     dist.init()
     cfgs = {"kclip": load_config(config, overrides), "plain": load_config(config, overrides + PLAIN)}
@@ -164,7 +164,7 @@ def student_phases(config: str, overrides: list[str], teacher_dim: int, iters: i
 
 
 def fit_steps(steps: int, warmup: int, every: int) -> list[int]:
-    """The steps (1-based, completed) after which the concept bank is fitted; the rule of kclip.task.concept_fit_due."""
+    """The steps (1-based, completed) after which the concept bank is fitted; the rule of kclip.train.task.concept_fit_due."""
     return [s for s in range(1, steps + 1)
             if s == warmup or (every > 0 and s > warmup and (s - warmup) % every == 0)]
 
@@ -201,7 +201,7 @@ def main() -> None:
     import torch
 
     from kclip.config import load_config
-    from kclip.validate import mds_num_samples
+    from kclip.config.preflight import mds_num_samples
 
     os.chdir(ROOT)  # config paths (data/demo/train, teachers/...) are relative to the repository
     torch.set_num_threads(args.threads)

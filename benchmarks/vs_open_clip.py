@@ -92,9 +92,9 @@ def component_profile(model_dir: str, tsv: str, mds: str, config: str, iters: in
     from kclip import dist
     from kclip.config import load_config
     from kclip.models.knowledge_clip import KnowledgeCLIP
-    from kclip.task import KnowledgeCLIPTask
     from kclip.tokenizers import load_tokenizer
-    from kclip.train import build_optimizer, seed_everything, student_ds_config
+    from kclip.train.loop import build_optimizer, seed_everything, student_ds_config
+    from kclip.train.task import KnowledgeCLIPTask
 
     dist.init()
     cfg = load_config(config, overrides + PLAIN)

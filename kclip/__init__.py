@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 def load(path, device="cpu"):
     """(model, tokenizer, preprocess) of an exported student (`kclip export`), a run folder or a checkpoint folder;
-    see kclip.eval.model_io.load. Imported on demand: `import kclip` stays light."""
-    from kclip.eval.model_io import load as _load
+    see kclip.export.load.load. Imported on demand: `import kclip` stays light."""
+    from kclip.export.load import load as _load
 
     return _load(path, device)

@@ -38,7 +38,7 @@ def load_run_config(config: str, overrides: list[str]):
     ConfigError naming the first impossible key."""
     from kclip import dist
     from kclip.config import load_config
-    from kclip.validate import validate
+    from kclip.config.validate import validate
 
     cfg = load_config(config, overrides)
     dist.map_launcher_env()
@@ -63,9 +63,9 @@ def train_main(argv: list[str]) -> int:
     except ConfigError as e:
         return fail(str(e), 2)
 
-    from kclip.checkpoint import CheckpointError
-    from kclip.teacher_cache import TeacherCacheError
-    from kclip.train import TrainingError, train
+    from kclip.teacher.cache import TeacherCacheError
+    from kclip.train.checkpoint import CheckpointError
+    from kclip.train.loop import TrainingError, train
 
     resume = args.resume
     if resume == "auto":
@@ -81,12 +81,12 @@ def train_main(argv: list[str]) -> int:
 
 COMMANDS = {
     "prepare": "kclip.data.cli:prepare_main",
-    "fetch-teacher": "kclip.fetch:main",
-    "teacher-cache": "kclip.teacher_precompute:main",
+    "fetch-teacher": "kclip.teacher.fetch:main",
+    "teacher-cache": "kclip.teacher.precompute:main",
     "train": "kclip.cli:train_main",
     "eval": "kclip.eval.run:main",
-    "export": "kclip.export:main",
-    "embed": "kclip.eval.embed:main",
+    "export": "kclip.export.save:main",
+    "embed": "kclip.export.embed:main",
     "report": "kclip.report:main",
 }
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kclip import dist
-from kclip.config import LossConfig
+from kclip.config import DISTILL_KINDS, LossConfig
 
 
 class _TiledLogSumExp(torch.autograd.Function):
@@ -122,9 +122,6 @@ def contrastive_loss(
     if local_loss:
         return symmetric_infonce(image_emb, text_emb, image_all, text_all, logit_scale, chunk_size=chunk_size)
     return symmetric_infonce(image_all, text_all, image_all, text_all, logit_scale, chunk_size=chunk_size)
-
-
-DISTILL_KINDS = ("cosine", "mse", "relational", "contrastive")
 
 
 def distillation_loss(projected: torch.Tensor, teacher_emb: torch.Tensor, kind: str = "cosine") -> torch.Tensor:

@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from kclip.metrics import read_metrics
+from kclip.train.metrics import read_metrics
 
 TIMES = ("data_ms", "teacher_ms", "student_ms", "kmeans_ms")
 NOT_METRICS = ("step", "time")
@@ -177,10 +177,10 @@ def concept_maps(runs: list[Run], out: Path, data: str | None, limit: int) -> tu
     """PCA concept maps for the runs that allow one; notes say why the others have none."""
     import torch
 
-    from kclip import checkpoint
     from kclip.config import from_dict
     from kclip.eval.concept_map import concept_map
-    from kclip.eval.model_io import MODEL_STATES
+    from kclip.export.format import MODEL_STATES
+    from kclip.train import checkpoint
 
     images, notes = [], []
     for run in runs:

@@ -19,7 +19,7 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
     """{"kc": run folder, "plain": run folder, "data": MDS folder (labels color, shape)}."""
     if not _RUNS:
         from kclip.config import load_config
-        from kclip.train import train
+        from kclip.train.loop import train
 
         root = tmp_path_factory.mktemp("evalruns")
         data = make_shapes_mds(root / "shapes", n=24)

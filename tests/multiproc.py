@@ -7,17 +7,12 @@ import glob
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 
+from kclip.dist import free_port
+
 COLLECTIVE_TIMEOUT_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child(fn, args, rank, world_size, port, results, extra_env):
@@ -58,7 +53,7 @@ def run_ranks(fn, *args, world_size: int = 2, timeout: float = 240, env: dict | 
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_child, args=(fn, args, r, world_size, port, results, env or {}), daemon=False)
         for r in range(world_size)

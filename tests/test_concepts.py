@@ -1,11 +1,12 @@
 import math
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from multiproc import run_ranks
 
-from kclip.concepts import ConceptBank
+from kclip.concepts.bank import ConceptBank
 
 DIM, K = 16, 4
 

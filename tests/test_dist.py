@@ -1,8 +1,8 @@
 """Launcher environments map onto one set of variables; the collectives kclip adds behave on 2 ranks."""
 import torch
+from multiproc import run_ranks
 
 from kclip import dist
-from multiproc import run_ranks
 
 
 def test_deepspeed_launcher_env_gets_local_world_size():

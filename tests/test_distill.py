@@ -8,8 +8,12 @@ import torch
 import torch.nn.functional as F
 from multiproc import run_ranks
 
-from kclip.losses import distillation_mean_baseline, distillation_term, relational_distillation
-from kclip.teacher_stats import TeacherStats, normalized_target
+from kclip.losses import (
+    distillation_mean_baseline,
+    distillation_term,
+    relational_distillation,
+)
+from kclip.teacher.stats import TeacherStats, normalized_target
 
 WORLD, B, D, TAU = 2, 6, 24, 0.1
 

@@ -18,17 +18,17 @@ from kclip.eval import attributes
 from kclip.eval.caption_em import ProbeConfig, caption_em, exact_match, train_decoder
 from kclip.eval.knn_overlap import distinct_captions, knn_overlap
 from kclip.eval.linear_probe import holdout_mask, linear_probe
-from kclip.eval.model_io import (
+from kclip.eval.retrieval import retrieval_metrics
+from kclip.eval.split import caption_key, embed_split, evaluate_split, image_id
+from kclip.eval.zeroshot import class_embeddings, classification_metrics, load_templates
+from kclip.export.format import preprocess_spec
+from kclip.export.load import (
     LoadedModel,
     TextTokenizer,
     build_encoder,
     encode_texts,
-    preprocess_spec,
     student_tokenizer,
 )
-from kclip.eval.retrieval import retrieval_metrics
-from kclip.eval.zeroshot import class_embeddings, classification_metrics, load_templates
-from kclip.evaluate import caption_key, embed_split, evaluate_split, image_id
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -122,7 +122,7 @@ def captioned_mds(root, captions: list[str]) -> str:
 
 
 def split_loader(data: str, loaded):
-    """The loader kclip.train evaluates with (not kclip eval's), so both callers of embed_split are covered."""
+    """The loader kclip.train.loop evaluates with (not kclip eval's), so both callers of embed_split are covered."""
     return build_loader(data, batch_size=8, image_size=loaded.cfg.student.image_size, train=False,
                         student_tokenizer=loaded.tokenizer.hf, student_max_len=loaded.tokenizer.max_len,
                         shuffle=False, num_workers=0)

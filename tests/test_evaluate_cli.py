@@ -11,11 +11,11 @@ from evalruns import single_thread, tiny_runs
 from multiproc import run_ranks
 from transformers import LlamaConfig, LlamaModel
 
-from kclip.eval.model_io import load_model
 from kclip.eval.run import eval_loader, evaluate, main, teacher_config
+from kclip.eval.split import embed_split
+from kclip.export.load import load_model
 from kclip.tokenizers import load_tokenizer
-from kclip.evaluate import embed_split
-from kclip.metrics import read_metrics
+from kclip.train.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")

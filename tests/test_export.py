@@ -15,18 +15,18 @@ from PIL import Image
 import kclip
 from kclip.config import load_config
 from kclip.data.transforms import image_transform
-from kclip.eval import embed
-from kclip.eval.model_io import (
+from kclip.export import embed
+from kclip.export.format import preprocess_spec
+from kclip.export.load import (
     LoadedModel,
     TextTokenizer,
     build_encoder,
     encode_texts,
     load_model,
-    preprocess_spec,
     student_tokenizer,
 )
-from kclip.export import export_model
-from kclip.export import main as export_main
+from kclip.export.save import export_model
+from kclip.export.save import main as export_main
 
 TEXTS = ["a red circle", "a blue square", "something else entirely"]
 

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_train import _env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from shapes import make_shapes_mds
 
 from kclip.config import load_config, save_config
-from shapes import make_shapes_mds
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from kclip.metrics import read_metrics
 from shapes import make_shapes_mds
 from test_train import REPO, _env, _port, losses, run_ok, train_cmd, wait_for
+
+from kclip.train.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_soak_memory_flat_and_nothing_accumulates(shapes, tmp_path):
 
 
 def test_universal_copies_take_no_keep_last_slot_and_go_with_their_checkpoint(tmp_path):
-    from kclip import checkpoint
+    from kclip.train import checkpoint
 
     for name in ("step_00000010", "step_00000020", "step_00000020_universal", "step_00000030", "step_00000040"):
         (tmp_path / name).mkdir()

@@ -1,4 +1,4 @@
-"""The training step (`kclip.task.KnowledgeCLIPTask`) called directly on DeepSpeed engines in spawned ranks: GradCache
+"""The training step (`kclip.train.task.KnowledgeCLIPTask`) called directly on DeepSpeed engines in spawned ranks: GradCache
 accumulation gives one big batch's loss and update with every loss term on, and a non-finite micro-batch skips exactly
 its optimizer step without misaligning DeepSpeed's accumulation window, also through the training loop."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ def shapes(tmp_path_factory):
 def _setup(data: str, run_dir: str, micro: int, *extra: str):
     from kclip import dist
     from kclip.config import load_config
-    from kclip.train import setup
+    from kclip.train.loop import setup
 
     # eps=1 makes Adam's first update lr * g / (|g| + 1): it follows the gradient's size, where the default eps would
     # give lr * sign(g) and hide a wrong scaling. No clipping and no decay: the update is the gradient's alone.
@@ -112,8 +112,8 @@ def _train_with_a_nan_micro_batch(data: str, run_dir: str) -> dict:
     """`kclip train`'s loop (in this rank), 4 steps of 4 micro-batches, micro-batch 3 of step 2 NaN; records DeepSpeed's
     counters after every step."""
     from kclip.config import load_config
-    from kclip.task import KnowledgeCLIPTask
-    from kclip.train import train
+    from kclip.train.loop import train
+    from kclip.train.task import KnowledgeCLIPTask
 
     original, seen = KnowledgeCLIPTask.step, []
 
@@ -132,7 +132,7 @@ def _train_with_a_nan_micro_batch(data: str, run_dir: str) -> dict:
 
 
 def test_the_loop_counts_a_nan_micro_batch_as_one_skipped_step(shapes, tmp_path):
-    from kclip.metrics import read_metrics
+    from kclip.train.metrics import read_metrics
 
     (r,) = run_ranks(_train_with_a_nan_micro_batch, str(shapes), str(tmp_path / "run"), world_size=1)
     assert r["counters"]["skipped_nonfinite"] == 1, r

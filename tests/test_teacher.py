@@ -11,9 +11,9 @@ import torch
 from multiproc import run_ranks
 from transformers import LlamaConfig, LlamaModel
 
-from kclip import fetch
-from kclip.config import StudentConfig, TeacherConfig
-from kclip.models.teacher import build_teacher, pack_right, pack_rows, teacher_ds_config
+from kclip.config import ConfigError, StudentConfig, TeacherConfig
+from kclip.teacher import fetch
+from kclip.teacher.model import build_teacher, pack_right, pack_rows, teacher_ds_config
 from kclip.tokenizers import load_tokenizer
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -270,13 +270,17 @@ def test_ds_config_derived_values():
 
 
 def test_clear_errors(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    """build_teacher runs the same pre-flight as validate(): one ConfigError line naming the key."""
+    with pytest.raises(ConfigError, match="teacher.path: no such file or folder"):
         build_teacher(TeacherConfig(path=str(tmp_path / "missing")))
-    with pytest.raises(FileNotFoundError, match="holds no model weights"):
+    with pytest.raises(ConfigError, match="has no config.json"):
+        build_teacher(TeacherConfig(path=str(tmp_path)))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds no weights"):
         build_teacher(TeacherConfig(path=str(tmp_path)))
     (tmp_path / "m.gguf").write_bytes(b"")
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` fail as if it were not installed
-    with pytest.raises(ImportError, match="needs the `gguf` package"):
+    with pytest.raises(ConfigError, match="needs the `gguf` package"):
         build_teacher(TeacherConfig(path=str(tmp_path / "m.gguf")))
     with pytest.raises(ValueError, match="exactly one"):
         build_teacher(TeacherConfig())

@@ -12,14 +12,14 @@ from test_teacher import TINY_LLAMA, real_teacher_path, tiny_folder  # noqa: F40
 from test_train import run_ok, shapes, train_cmd  # noqa: F401 - shapes is a fixture
 from transformers import LlamaModel
 
-from kclip import checkpoint
 from kclip.config import ConfigError, TeacherConfig, load_config
-from kclip.eval.model_io import MODEL_STATES
+from kclip.config.validate import validate
+from kclip.export.format import MODEL_STATES
 from kclip.models.knowledge_clip import KnowledgeCLIP
-from kclip.models.teacher import build_teacher
 from kclip.models.token_init import init_token_embeddings, pca_reduce
-from kclip.train import build_optimizer
-from kclip.validate import validate
+from kclip.teacher.model import build_teacher
+from kclip.train import checkpoint
+from kclip.train.loop import build_optimizer
 
 TOKEN_EMBEDDING = "student.text.text_model.embeddings.token_embedding.weight"
 

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,9 +13,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from kclip.metrics import read_metrics
 from shapes import make_shapes_mds
+
+from kclip.dist import free_port
+from kclip.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,17 +33,11 @@ def _env() -> dict:
     return env
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def train_cmd(run: Path, data: Path, *overrides: str, ranks: int = 1, resume: str | None = None) -> list[str]:
     if ranks == 1:
         cmd = [sys.executable, "-m", "kclip.cli"]
     else:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", _port(), "--module", "kclip.cli"]
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "kclip.cli"]
     cmd += ["train", "--config", "smoke", "--output", str(run), f"data.train={data}", "dist.timeout_s=60", *overrides]
     return cmd + (["--resume", resume] if resume else [])
 
@@ -172,7 +166,7 @@ def test_plain_clip_never_loads_the_teacher(shapes, tmp_path):
     ("student.freeze_token_embeddings=true", "student.freeze_token_embeddings"),
 ])
 def test_invalid_config_fails_before_any_process_group(shapes, tmp_path, override, key):
-    env = dict(_env(), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=_port())
+    env = dict(_env(), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     start = time.time()
     # With WORLD_SIZE=2 and no second rank, starting a process group would block until the timeout: a quick exit
     # proves validation happened first.
@@ -212,7 +206,7 @@ def test_gradient_accumulation_equals_the_full_batch(shapes, tmp_path):
 @pytest.mark.slow
 def test_torchrun_launch(shapes, tmp_path):
     run = tmp_path / "torchrun"
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", _port(), "-m", "kclip.cli", "train", "--config",
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "kclip.cli", "train", "--config",
            "smoke", "--output", str(run), f"data.train={shapes}", "train.steps=6", "dist.timeout_s=60"]
     run_ok(cmd)
     assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
@@ -228,7 +222,7 @@ def _printed_json(stdout: str) -> dict:
 def test_teacher_cache_pass_makes_every_training_step_a_hit(shapes, tmp_path):
     run = tmp_path / "run"
     args = ["teacher-cache", "--config", "smoke", "--output", str(run), f"data.train={shapes}", "dist.timeout_s=60"]
-    two_ranks = ["deepspeed", "--num_gpus", "2", "--master_port", _port(), "--module", "kclip.cli"]
+    two_ranks = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "kclip.cli"]
     first = _printed_json(run_ok(two_ranks + args).stdout)
     assert first["filled"] == first["samples"] == 96 and first["computed"] >= 96
     again = _printed_json(run_ok([sys.executable, "-m", "kclip.cli", *args]).stdout)

@@ -23,7 +23,12 @@ import torch
 from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
-from kclip.data.transforms import apply_seeded, augmentation_seed, decode_rgb, image_transform
+from kclip.data.transforms import (
+    apply_seeded,
+    augmentation_seed,
+    decode_rgb,
+    image_transform,
+)
 from kclip.dist import map_launcher_env
 from kclip.tokenizers import load_tokenizer
 

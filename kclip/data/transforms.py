@@ -18,19 +18,21 @@ from torchvision import transforms as T
 TRAIN_CROP_SCALE = (0.9, 1.0)
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Fully decode image bytes to RGB; transparent images are composited onto white.
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB; transparent pixels composited onto white. Converting RGBA straight to RGB would keep whatever colour hides
+    under transparent pixels (often black). Training, export and embedding all prepare images through this."""
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
 
-    `Image.open` only parses the header: `load()` decodes every pixel, so truncated files fail here rather than later.
-    Converting RGBA straight to RGB would keep whatever colour hides under transparent pixels (often black).
-    """
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Fully decode image bytes to RGB (`to_rgb`). `Image.open` only parses the header: `load()` decodes every pixel,
+    so truncated files fail here rather than later."""
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 def image_transform(image_size: int, train: bool) -> T.Compose:

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kclip.eval.model_io import LoadedModel, embed_image_files, encode_texts
 from kclip.eval.zeroshot import class_embeddings, classification_metrics, readable
+from kclip.export.load import LoadedModel, embed_image_files, encode_texts
 
 AWA2_TEMPLATES = ("a photo of a {}.", "a photo of the {}, a type of animal.")
 AWA2_ATTRIBUTE_PROMPT = "a photo of an animal with the attribute: {}."

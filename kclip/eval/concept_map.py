@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kclip.concepts import ConceptBank
+from kclip.concepts.bank import ConceptBank
 from kclip.config import Config
 from kclip.data.loader import build_loader
 from kclip.eval.knn_overlap import teacher_embeddings
@@ -46,7 +46,7 @@ def concept_map(cfg: Config, concepts: dict, data_dir: str, out: Path, *, title:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kclip.models.teacher import build_teacher
+    from kclip.teacher.model import build_teacher
 
     captions = sample_captions(data_dir, limit)
     teacher = build_teacher(cfg.teacher, shard=False)

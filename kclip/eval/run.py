@@ -29,16 +29,32 @@ from pathlib import Path
 import torch
 
 from kclip import dist
-from kclip.checkpoint import CheckpointError
 from kclip.data.loader import build_loader
 from kclip.eval import attributes
 from kclip.eval.caption_em import ProbeConfig, caption_em
-from kclip.eval.knn_overlap import DEFAULT_K, distinct_captions, knn_overlap, teacher_embeddings
-from kclip.eval.linear_probe import LAMBDAS, VALIDATION_FRACTION, holdout_mask, linear_probe
-from kclip.eval.model_io import LoadedModel, ModelLoadError, load_model
+from kclip.eval.knn_overlap import (
+    DEFAULT_K,
+    distinct_captions,
+    knn_overlap,
+    teacher_embeddings,
+)
+from kclip.eval.linear_probe import (
+    LAMBDAS,
+    VALIDATION_FRACTION,
+    holdout_mask,
+    linear_probe,
+)
 from kclip.eval.retrieval import group_ids, retrieval_metrics
-from kclip.eval.zeroshot import DEFAULT_TEMPLATES, label_targets, load_templates, zero_shot
-from kclip.evaluate import caption_key, embed_split
+from kclip.eval.split import caption_key, embed_split
+from kclip.eval.zeroshot import (
+    DEFAULT_TEMPLATES,
+    label_targets,
+    load_templates,
+    zero_shot,
+)
+from kclip.export.format import ModelLoadError
+from kclip.export.load import LoadedModel, load_model
+from kclip.train.checkpoint import CheckpointError
 
 PROBES = ("retrieval", "zeroshot", "linear", "knn", "caption_em")
 # Without --probe-train, this fraction of --data (by image id / caption hash) is the probes' test side.
@@ -130,7 +146,7 @@ def evaluate(loaded: LoadedModel, *, data: str | None, label_columns=(), templat
             train_emb = embed_split(loaded.model, eval_loader(probe_train, loaded, batch_size, label_columns, workers),
                                     loaded.device)
         if "knn" not in skip and teacher_cfg is not None:
-            from kclip.models.teacher import build_teacher
+            from kclip.teacher.model import build_teacher
 
             rows = distinct_captions(emb["caption"], knn_max_captions)
             teacher_emb = teacher_embeddings(build_teacher(teacher_cfg), [emb["caption"][i] for i in rows])

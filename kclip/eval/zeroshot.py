@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kclip.eval.model_io import TextTokenizer, encode_texts
+from kclip.export.load import TextTokenizer, encode_texts
 
 DEFAULT_TEMPLATES = (
     "{}",

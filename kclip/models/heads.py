@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from kclip.config import CONCEPT_HEAD_KINDS
+
 
 def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
@@ -20,18 +22,12 @@ class DistillProjector(nn.Module):
         return self.net(text_emb)
 
 
-CONCEPT_HEAD_KINDS = ("image", "text", "joint")
-
-
 class ConceptHeads(nn.Module):
     """Logits over K concepts from the image embedding, the text embedding and their concatenation (the paper's
     classifier is the joint one); `kinds` picks which exist and are trained."""
 
     def __init__(self, embed_dim: int, hidden: int, k: int, kinds=CONCEPT_HEAD_KINDS):
         super().__init__()
-        unknown = set(kinds) - set(CONCEPT_HEAD_KINDS)
-        if unknown:
-            raise ValueError(f"unknown concept heads {sorted(unknown)}; choose from {CONCEPT_HEAD_KINDS}")
         widths = {"image": embed_dim, "text": embed_dim, "joint": 2 * embed_dim}
         self.heads = nn.ModuleDict({kind: mlp(widths[kind], hidden, k) for kind in kinds})
 

@@ -23,8 +23,8 @@ from kclip.config import Config, ConfigError
 def precompute(cfg: Config, run_dir: str | Path) -> dict:
     """Fill the cache `kclip train --output run_dir` with the same config would use (collective); returns counts."""
     from kclip.data.loader import build_caption_loader
-    from kclip.models.teacher import build_teacher
-    from kclip.teacher_cache import embed_cached, open_cache
+    from kclip.teacher.cache import embed_cached, open_cache
+    from kclip.teacher.model import build_teacher
 
     dist.init(cfg.dist.timeout_s)
     teacher = build_teacher(cfg.teacher)
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from kclip.cli import call_collective, fail, load_run_config
-    from kclip.teacher_cache import TeacherCacheError
+    from kclip.teacher.cache import TeacherCacheError
 
     try:
         cfg = load_run_config(args.config, args.overrides)

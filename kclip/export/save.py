@@ -1,17 +1,6 @@
-"""`kclip export CHECKPOINT OUT`: a self-contained student folder, loadable without DeepSpeed or the run folder.
-
-OUT/
-  kclip_model.yaml    format, student kind (dual_encoder | hf_clip), source checkpoint and step, the run's config
-  model.safetensors   the DualEncoder's weights (keys of the student module)           [dual_encoder]
-  hf/                 CLIPModel + tokenizer + CLIPImageProcessor, save_pretrained      [hf_clip]
-                      (CLIPModel.from_pretrained(OUT/hf) works; logit_scale is 0-dim again and clamped to the
-                      training maximum, since Hugging Face's forward does not clamp it)
-  tokenizer/          the student tokenizer (save_pretrained; kclip.tokenizers.load_tokenizer reads it)
-  preprocess.json     image preprocessing: size, shorter-side bicubic resize, center crop, mean/std
-
-Load with `kclip.load(OUT)` -> (model, tokenizer, preprocess). CHECKPOINT is a run folder (its latest checkpoint), a
-step folder or another export. OUT is written under a temporary name and renamed, so it is never half-written.
-"""
+"""`kclip export CHECKPOINT OUT`: write the folder kclip/export/format.py describes. CHECKPOINT is a run folder (its
+latest checkpoint), a step folder or another export. OUT is written under a temporary name and renamed, so it is
+never half-written."""
 from __future__ import annotations
 
 import argparse
@@ -23,21 +12,19 @@ from pathlib import Path
 
 import yaml
 
-from kclip.checkpoint import CheckpointError
 from kclip.config import to_dict
-from kclip.eval.model_io import (
+from kclip.export.format import (
     EXPORT_HF,
     EXPORT_PREPROCESS,
     EXPORT_SPEC,
     EXPORT_TOKENIZER,
     EXPORT_WEIGHTS,
-    LoadedModel,
+    FORMAT_VERSION,
     ModelLoadError,
-    load_model,
 )
+from kclip.export.load import LoadedModel, load_model
 from kclip.models.student import HFCLIPStudent
-
-FORMAT_VERSION = 1
+from kclip.train.checkpoint import CheckpointError
 
 
 def write_hf(student: HFCLIPStudent, max_log_scale: float, tokenizer, preprocess: dict, out: Path) -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from kclip import dist
-from kclip.checkpoint import CheckpointError
-from kclip.eval.model_io import ModelLoadError, embed_image_files, encode_texts, load_model
+from kclip.export.format import ModelLoadError
+from kclip.export.load import embed_image_files, encode_texts, load_model
+from kclip.train.checkpoint import CheckpointError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 

@@ -35,14 +35,15 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from kclip import checkpoint, dist
-from kclip.buffer import EmbeddingBuffer
-from kclip.concepts import ConceptBank
+from kclip import dist
+from kclip.concepts.bank import ConceptBank
+from kclip.concepts.buffer import EmbeddingBuffer
 from kclip.config import Config
 from kclip.losses import KnowledgeCLIPLoss
 from kclip.models.student import clamp_logit_scale_
-from kclip.teacher_cache import TeacherCache, embed_cached
-from kclip.teacher_stats import TeacherStats, normalized_target
+from kclip.teacher.cache import TeacherCache, embed_cached
+from kclip.teacher.stats import TeacherStats, normalized_target
+from kclip.train import checkpoint
 
 
 class Timer:

@@ -4,7 +4,7 @@
 - step folder (`checkpoints/step_XXXXXXXX/` with COMPLETE): the fp32 master weights, reassembled from the ZeRO-1/2
   optimizer partitions of all ranks by DeepSpeed's zero_to_fp32 (exact even for bf16 runs, whose module copy is bf16);
   the config comes from the checkpoint's client state;
-- exported folder (`kclip export`, has kclip_model.yaml): see kclip/export.py for its layout.
+- exported folder (`kclip export`, has kclip_model.yaml): see kclip/export/format.py for its layout.
 
 Only the student towers are built (no distillation/concept heads): encode_image/encode_text give L2-normalised
 embeddings exactly as in training. A checkpoint of a Hugging Face CLIP student also needs `student.hf_clip` (the
@@ -23,27 +23,25 @@ from pathlib import Path
 import torch
 import yaml
 from PIL import Image
-from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from torchvision import transforms as T
 
-from kclip import checkpoint
 from kclip.config import Config, from_dict
 from kclip.data.loader import tokenize
+from kclip.export.format import (
+    EXPORT_HF,
+    EXPORT_PREPROCESS,
+    EXPORT_SPEC,
+    EXPORT_TOKENIZER,
+    EXPORT_WEIGHTS,
+    MODEL_STATES,
+    ModelLoadError,
+    build_preprocess,
+    preprocess_spec,
+)
 from kclip.models.knowledge_clip import KnowledgeCLIP
 from kclip.tokenizers import load_tokenizer, student_tokenizer
-
-EXPORT_SPEC = "kclip_model.yaml"
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_TOKENIZER = "tokenizer"
-EXPORT_PREPROCESS = "preprocess.json"
-EXPORT_HF = "hf"
-MODEL_STATES = "mp_rank_00_model_states.pt"
+from kclip.train import checkpoint
 
 log = logging.getLogger(__name__)
-
-
-class ModelLoadError(ValueError):
-    pass
 
 
 class TextTokenizer:
@@ -71,29 +69,6 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-
-def preprocess_spec(image_size: int) -> dict:
-    """The evaluation transform of kclip.data.transforms, as data (written to preprocess.json on export)."""
-    return {"image_size": image_size, "resize": "shorter_side", "interpolation": "bicubic", "crop": "center",
-            "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD), "transparent_background": "white"}
-
-
-def rgb_on_white(img: Image.Image) -> Image.Image:
-    """RGB image; transparent pixels composited onto white (what the training data pipeline does)."""
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def build_preprocess(spec: dict) -> T.Compose:
-    """PIL image -> normalised pixels [3, s, s], from a preprocess.json spec."""
-    if (spec["resize"], spec["interpolation"], spec["crop"]) != ("shorter_side", "bicubic", "center"):
-        raise ModelLoadError(f"unsupported preprocessing {spec}")
-    size = spec["image_size"]
-    return T.Compose([rgb_on_white, T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                      T.ToTensor(), T.Normalize(spec["mean"], spec["std"])])
 
 
 def build_encoder(cfg: Config, tokenizer, hf_clip: str | None = None) -> KnowledgeCLIP:

@@ -23,19 +23,20 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from kclip import checkpoint, dist
+from kclip import dist
 from kclip.config import Config, diff_configs, from_dict, save_config, to_dict
 from kclip.data.loader import build_loader
 from kclip.ds_config import load_template
-from kclip.evaluate import evaluate_split
-from kclip.metrics import MetricsLogger
+from kclip.eval.split import evaluate_split
 from kclip.models.knowledge_clip import KnowledgeCLIP
-from kclip.models.teacher import build_teacher
 from kclip.models.token_init import init_token_embeddings
-from kclip.schedule import lr_at
-from kclip.task import KnowledgeCLIPTask, StepResult
-from kclip.teacher_cache import open_cache
+from kclip.teacher.cache import open_cache
+from kclip.teacher.model import build_teacher
 from kclip.tokenizers import student_tokenizer
+from kclip.train import checkpoint
+from kclip.train.metrics import MetricsLogger
+from kclip.train.schedule import lr_at
+from kclip.train.task import KnowledgeCLIPTask, StepResult
 
 log = logging.getLogger("kclip.train")
 
@@ -265,7 +266,9 @@ def restore(run: Run, tag_dir: Path, *, elastic: bool, allow_config_change: bool
 def save(run: Run, step: int) -> None:
     """Checkpoint after `step` steps (collective)."""
     from deepspeed.checkpoint.constants import (
-        UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
     )
 
     task = run.task

@@ -29,7 +29,7 @@ import torch
 import torch.distributed
 
 from kclip import dist
-from kclip.validate import mds_num_samples
+from kclip.config.preflight import mds_num_samples
 
 MAX_SLOTS = 64
 

@@ -13,22 +13,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from kclip import dist
 from kclip.config import TeacherConfig
+from kclip.config.preflight import check_teacher, weight_files
 from kclip.ds_config import load_template
 from kclip.tokenizers import RANDOM_TEACHER_TOKENIZER, load_tokenizer, split_gguf
 
 log = logging.getLogger(__name__)
 
 DS_TEMPLATES = {"none": "teacher_zero3", "cpu": "teacher_zero3_offload_cpu", "nvme": "teacher_zero3_offload_nvme"}
-POOLINGS = ("mean", "last")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # Captions of different lengths whose packed and single embeddings `Teacher.check_packing` compares.
 PACKING_PROBE = ["a photo of a dog running on the grass", "two cats", "a red car parked by an old stone wall", "snow",
                  "people"]
@@ -41,8 +39,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     DeepSpeed's CPU path is only verified in fp32)."""
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"teacher.dtype must be auto|{'|'.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
@@ -71,39 +67,6 @@ def teacher_ds_config(cfg: TeacherConfig, model_config, dtype: torch.dtype) -> d
     ds["bf16"] = {"enabled": dtype == torch.bfloat16}
     ds["fp16"] = {"enabled": dtype == torch.float16}
     return ds
-
-
-def _check_config(cfg: TeacherConfig) -> None:
-    if (cfg.path is None) == (cfg.random_config is None):
-        raise ValueError("teacher: set exactly one of teacher.path and teacher.random_config")
-    if cfg.pooling not in POOLINGS:
-        raise ValueError(f"teacher.pooling must be {'|'.join(POOLINGS)}, got {cfg.pooling!r}")
-    if cfg.offload not in DS_TEMPLATES:
-        raise ValueError(f"teacher.offload must be {'|'.join(DS_TEMPLATES)}, got {cfg.offload!r}")
-    if cfg.offload == "nvme" and not cfg.nvme_path:
-        raise ValueError("teacher.nvme_path is required when teacher.offload is nvme")
-    if cfg.chunk_size < 1 or cfg.max_len < 1:
-        raise ValueError(f"teacher.chunk_size and teacher.max_len must be >= 1, got {cfg.chunk_size}, {cfg.max_len}")
-    if cfg.path is None:
-        return
-    if not os.path.exists(cfg.path):
-        raise FileNotFoundError(f"teacher.path does not exist: {cfg.path}")
-    if cfg.path.endswith(".gguf"):
-        try:
-            import gguf  # noqa: F401 - transformers needs it to read GGUF files
-        except ImportError:
-            raise ImportError(f"teacher.path is a GGUF file ({cfg.path}); reading it needs the `gguf` package "
-                              "(pip install gguf)") from None
-    elif not _weight_files(cfg.path):
-        raise FileNotFoundError(f"teacher.path {cfg.path} holds no model weights (*.safetensors, *.bin)")
-
-
-def _weight_files(path: str) -> list[Path]:
-    """The files whose bytes are the teacher's weights: the .gguf file, or the checkpoint files of a folder."""
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    return sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
 def _model_config(cfg: TeacherConfig):
@@ -174,7 +137,7 @@ def _fingerprint(cfg: TeacherConfig, model_config, tokenizer, dtype: torch.dtype
     if cfg.random_config is not None:
         weights = {"random_seed": cfg.seed}
     else:
-        weights = {"files": [(f.name, f.stat().st_size, _sample_digest(f)) for f in _weight_files(cfg.path)]}
+        weights = {"files": [(f.name, f.stat().st_size, _sample_digest(f)) for f in weight_files(cfg.path)]}
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     identity = {
         "config": arch, "weights": weights, "layer": cfg.layer, "normalize": cfg.normalize,
@@ -381,7 +344,7 @@ class Teacher:
 def build_teacher(cfg: TeacherConfig, *, shard: bool | None = None) -> Teacher:
     """Load the frozen teacher. `shard=None`: ZeRO-3 when world_size > 1 or parameters are offloaded, else a plain
     module. Sharded, every rank must call this (it is collective) and the process group is started if needed."""
-    _check_config(cfg)
+    check_teacher(cfg)
     if shard is None:
         shard = dist.world_size() > 1 or cfg.offload != "none"
     if cfg.offload != "none" and not shard:

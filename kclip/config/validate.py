@@ -1,0 +1,63 @@
+"""Checks that need no process group: run in the launching process so a bad config fails in seconds, with one line
+naming the key, instead of after every rank has started (or, worse, as a hang). Each section's own rules live with
+the section (kclip/config/schema.py) and run first; what is here combines sections, or asks the data, the filesystem
+(kclip/config/preflight.py) or the device."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kclip.config.preflight import check_mds, check_teacher
+from kclip.config.schema import Config, ConfigError
+
+
+def validate(cfg: Config, world_size: int, *, cuda: bool | None = None) -> None:
+    """Raise ConfigError for the first impossible setting. `world_size` is the number of ranks the run will have."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    t, c, st = cfg.train, cfg.concepts, cfg.student
+    cfg.check()
+    if t.global_batch_size % world_size:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by the world size {world_size}")
+    per_rank = t.global_batch_size // world_size
+    micro = t.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"train.micro_batch_size: {micro} does not divide the per-rank batch {per_rank}")
+    if t.precision == "bf16" and not (cuda and torch.cuda.is_bf16_supported()):
+        raise ConfigError("train.precision: bf16 needs a CUDA device with bf16 support; use auto or fp32 here")
+    if cfg.teacher.dtype == "bf16" and not cuda:
+        raise ConfigError("teacher.dtype: bf16 teacher needs a CUDA device; use auto or fp32 here")
+    if cfg.needs_teacher:
+        if not cfg.teacher.path and not cfg.teacher.random_config:
+            raise ConfigError("teacher.path: required when loss.distill_weight or loss.concept_weight > 0")
+        check_teacher(cfg.teacher)
+    if st.tokenizer == "teacher" and not cfg.teacher.path:
+        raise ConfigError("student.tokenizer: 'teacher' needs teacher.path")
+    if st.token_init == "teacher":
+        if st.hf_clip:
+            raise ConfigError("student.token_init: 'teacher' initialises the timm + CLIP text towers; student.hf_clip "
+                              "brings its own pretrained embeddings")
+        if st.tokenizer != "teacher":
+            raise ConfigError("student.token_init: 'teacher' needs student.tokenizer=teacher (the embedding rows are "
+                              "the teacher's tokens)")
+        if not cfg.needs_teacher:
+            raise ConfigError("student.token_init: 'teacher' needs the teacher loaded (loss.distill_weight or "
+                              "loss.concept_weight > 0)")
+    if st.freeze_token_embeddings and st.token_init != "teacher":
+        raise ConfigError("student.freeze_token_embeddings: only with student.token_init=teacher (frozen random "
+                          "embeddings would never learn anything)")
+    if st.hf_clip and not os.path.isdir(st.hf_clip):
+        raise ConfigError(f"student.hf_clip: no such folder {st.hf_clip}")
+    n_train = check_mds("data.train", cfg.data.train, required=True)
+    check_mds("data.val", cfg.data.val, required=False)
+    if n_train < t.global_batch_size:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} exceeds the {n_train} training samples")
+    if cfg.loss.concept_weight > 0:
+        if c.warmup_steps < 1:
+            raise ConfigError("concepts.warmup_steps: must be >= 1 (the first fit needs teacher embeddings)")
+        # What the first fit will see: warm-up samples, bounded by the buffers and by the dataset itself.
+        first_fit = min(c.warmup_steps * t.global_batch_size, c.buffer_size * world_size, n_train)
+        if c.k > first_fit:
+            raise ConfigError(
+                f"concepts.k: {c.k} exceeds the {first_fit} teacher embeddings available for the first fit "
+                f"(warmup_steps x global batch, buffer_size x ranks, dataset size)")

@@ -1,0 +1,46 @@
+"""The export format: a self-contained student folder, loadable without DeepSpeed or the run folder.
+
+OUT/
+  kclip_model.yaml    format, student kind (dual_encoder | hf_clip), source checkpoint and step, the run's config
+  model.safetensors   the DualEncoder's weights (keys of the student module)           [dual_encoder]
+  hf/                 CLIPModel + tokenizer + CLIPImageProcessor, save_pretrained      [hf_clip]
+                      (CLIPModel.from_pretrained(OUT/hf) works; logit_scale is 0-dim again and clamped to the
+                      training maximum, since Hugging Face's forward does not clamp it)
+  tokenizer/          the student tokenizer (save_pretrained; kclip.tokenizers.load_tokenizer reads it)
+  preprocess.json     image preprocessing: size, shorter-side bicubic resize, center crop, mean/std
+
+Written by `kclip export` (save.py), read by `kclip.load(OUT)` -> (model, tokenizer, preprocess) (load.py).
+"""
+from __future__ import annotations
+
+from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from torchvision import transforms as T
+
+from kclip.data.transforms import to_rgb
+
+FORMAT_VERSION = 1
+EXPORT_SPEC = "kclip_model.yaml"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_TOKENIZER = "tokenizer"
+EXPORT_PREPROCESS = "preprocess.json"
+EXPORT_HF = "hf"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module file in a checkpoint step folder
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def preprocess_spec(image_size: int) -> dict:
+    """The evaluation transform of kclip.data.transforms, as data (written to preprocess.json on export)."""
+    return {"image_size": image_size, "resize": "shorter_side", "interpolation": "bicubic", "crop": "center",
+            "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD), "transparent_background": "white"}
+
+
+def build_preprocess(spec: dict) -> T.Compose:
+    """PIL image -> normalised pixels [3, s, s], from a preprocess.json spec."""
+    if (spec["resize"], spec["interpolation"], spec["crop"]) != ("shorter_side", "bicubic", "center"):
+        raise ModelLoadError(f"unsupported preprocessing {spec}")
+    size = spec["image_size"]
+    return T.Compose([to_rgb, T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      T.ToTensor(), T.Normalize(spec["mean"], spec["std"])])
