@@ -117,7 +117,7 @@ def run(args) -> dict:
     from kclip.models.knowledge_clip import KnowledgeCLIP
     from kclip.teacher.model import build_teacher
     from kclip.tokenizers import load_tokenizer
-    from kclip.train.loop import build_optimizer, student_ds_config
+    from kclip.train.engine import build_optimizer, student_ds_config
     from kclip.train.task import KnowledgeCLIPTask
 
     started = time.perf_counter()

@@ -58,7 +58,7 @@ def measure(args) -> dict:
     from kclip.config import load_config
     from kclip.models.knowledge_clip import KnowledgeCLIP
     from kclip.tokenizers import load_tokenizer
-    from kclip.train.loop import build_optimizer, seed_everything, student_ds_config
+    from kclip.train.engine import build_optimizer, seed_everything, student_ds_config
     from kclip.train.task import KnowledgeCLIPTask
 
     torch.set_num_threads(args.threads)

@@ -112,7 +112,7 @@ def student_phases(config: str, overrides: list[str], teacher_dim: int, iters: i
     from kclip.data.loader import build_loader
     from kclip.models.knowledge_clip import KnowledgeCLIP
     from kclip.tokenizers import load_tokenizer
-    from kclip.train.loop import build_optimizer, seed_everything, student_ds_config
+    from kclip.train.engine import build_optimizer, seed_everything, student_ds_config
     from kclip.train.task import KnowledgeCLIPTask
 
     dist.init()

@@ -93,7 +93,7 @@ def component_profile(model_dir: str, tsv: str, mds: str, config: str, iters: in
     from kclip.config import load_config
     from kclip.models.knowledge_clip import KnowledgeCLIP
     from kclip.tokenizers import load_tokenizer
-    from kclip.train.loop import build_optimizer, seed_everything, student_ds_config
+    from kclip.train.engine import build_optimizer, seed_everything, student_ds_config
     from kclip.train.task import KnowledgeCLIPTask
 
     dist.init()

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from kclip.config import ConfigError
 
@@ -24,7 +25,7 @@ def call_collective(fn, *args, known_errors: tuple[type[Exception], ...] = (), *
 
     try:
         return fn(*args, **kwargs), 0
-    except known_errors as e:
+    except (*known_errors, dist.RendezvousError) as e:
         return None, fail(str(e), 1)
     except Exception as e:
         lost = dist.describe_failure(e)
@@ -43,6 +44,9 @@ def load_run_config(config: str, overrides: list[str]):
     cfg = load_config(config, overrides)
     dist.map_launcher_env()
     validate(cfg, int(os.environ["WORLD_SIZE"]))
+    shortfall = dist.shm_shortfall(int(os.environ["LOCAL_WORLD_SIZE"]))
+    if shortfall:
+        raise ConfigError(shortfall)
     return cfg
 
 
@@ -53,25 +57,39 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--resume", help="latest (the run folder's newest checkpoint), auto (latest if there is one, "
                         "else start fresh: for requeued jobs), or a checkpoint folder")
     parser.add_argument("--allow-config-change", action="store_true", help="resume even if the config differs")
+    parser.add_argument("--overwrite", action="store_true", help="start from scratch in a folder that holds a run, "
+                        "deleting its checkpoints and logs")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100 loss.concept_weight=0")
     args = parser.parse_args(argv)
+    from kclip.train import signals
+
+    signals.install()  # before the heavy imports: a stop signal during start-up is honoured, not fatal
 
     from kclip import dist
-
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-    except ConfigError as e:
-        return fail(str(e), 2)
-
-    from kclip.teacher.cache import TeacherCacheError
-    from kclip.train.checkpoint import CheckpointError
-    from kclip.train.loop import TrainingError, train
+    from kclip.train.run_folder import RunFolderError, check_fresh_start
 
     resume = args.resume
     if resume == "auto":
         resume = "latest" if os.path.isfile(os.path.join(args.output, "checkpoints", "latest")) else None
-    result, code = call_collective(train, cfg, args.output, resume=resume, allow_config_change=args.allow_config_change,
-                                   known_errors=(TrainingError, CheckpointError, ConfigError, TeacherCacheError))
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        check_fresh_start(Path(args.output), resume, args.overwrite)
+    except (ConfigError, RunFolderError) as e:
+        return fail(str(e), 2)
+
+    from kclip.teacher.cache import TeacherCacheError
+    from kclip.train.checkpoint import CheckpointError
+    from kclip.train.loop import train
+    from kclip.train.state import TrainingError
+
+    try:
+        result, code = call_collective(train, cfg, args.output, resume=resume,
+                                       allow_config_change=args.allow_config_change, overwrite=args.overwrite,
+                                       known_errors=(TrainingError, CheckpointError, ConfigError, TeacherCacheError,
+                                                     RunFolderError))
+    except KeyboardInterrupt:
+        return fail("aborted by a second interrupt, without a checkpoint; continue from the last one with "
+                    "--resume latest", 130)
     if code:
         return code
     if dist.is_main():
@@ -84,6 +102,7 @@ COMMANDS = {
     "fetch-teacher": "kclip.teacher.fetch:main",
     "teacher-cache": "kclip.teacher.precompute:main",
     "train": "kclip.cli:train_main",
+    "launch": "kclip.launch:main",
     "eval": "kclip.eval.run:main",
     "export": "kclip.export.save:main",
     "embed": "kclip.export.embed:main",

@@ -6,8 +6,11 @@ mosaicml-streaming read, so nothing else in kclip looks at launcher-specific var
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -108,10 +111,48 @@ class Heartbeat:
 _heartbeat: Heartbeat | None = None
 
 
-def init(timeout_s: float = 600.0) -> None:
+# DeepSpeed's CPU accelerator maps one allreduce workspace per rank into /dev/shm (69,206,024 bytes measured with
+# DeepSpeed 0.19.8), named deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>, and never removes it. A Docker
+# container's default /dev/shm is 64 MiB: the first rank then dies of a Bus error before step 1, printing nothing.
+SHM_BUFFER_BYTES = 69_206_024
+
+
+def uses_cpu_accelerator() -> bool:
+    return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+
+
+def shm_buffer_glob(port: int | str | None = None) -> str:
+    """The shared-memory files DeepSpeed's CPU allreduce creates: all of this user's, or those of the group on `port`."""
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*" + (f"_{port}_*" if port is not None else "")
+
+
+def shm_shortfall(ranks_on_node: int) -> str | None:
+    """One line when /dev/shm cannot hold the CPU allreduce buffers of this node's ranks; None when it can."""
+    if not uses_cpu_accelerator() or not os.path.isdir("/dev/shm"):
+        return None
+    free, need = shutil.disk_usage("/dev/shm").free, ranks_on_node * SHM_BUFFER_BYTES
+    if free >= need:
+        return None
+    return (f"/dev/shm has {free / 2**20:.0f} MiB free; DeepSpeed's CPU accelerator needs {need / 2**20:.0f} MiB "
+            f"({ranks_on_node} rank(s) x {SHM_BUFFER_BYTES / 2**20:.0f} MiB): raise it (docker run --shm-size=1g) or "
+            f"remove stale {shm_buffer_glob()} files of finished runs")
+
+
+def _remove_own_shm_buffer(path: str) -> None:
+    # The other ranks mapped this file at start-up; removing its name leaves their mappings intact.
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+class RendezvousError(RuntimeError):
+    """Not every rank joined the process group within the rendezvous timeout."""
+
+
+def init(timeout_s: float = 600.0, rendezvous_timeout_s: float | None = None) -> None:
     """Start the default process group (also for a single process: DeepSpeed engines need one).
 
-    `timeout_s` bounds every collective on gloo, so a dead or diverged rank surfaces as an error instead of a hang.
+    The ranks must all join within `rendezvous_timeout_s` (default: `timeout_s`); after that `timeout_s` bounds every
+    collective on gloo, so a dead or diverged rank surfaces as an error instead of a hang.
     """
     global _heartbeat
     if dist.is_initialized():
@@ -121,7 +162,19 @@ def init(timeout_s: float = 600.0) -> None:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
-    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
+    rendezvous_timeout_s = rendezvous_timeout_s or timeout_s
+    try:
+        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=rendezvous_timeout_s), verbose=False)
+    except (dist.DistStoreError, dist.DistNetworkError) as e:
+        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise RendezvousError(
+            f"rank {os.environ['RANK']}: not every rank joined {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+            f"within {rendezvous_timeout_s:g} s (dist.rendezvous_timeout_s): {first_line}") from e
+    dist.set_timeout(datetime.timedelta(seconds=timeout_s))
+    if uses_cpu_accelerator():
+        # At any interpreter exit, error exits included (a SIGKILL leaves it: tests and benchmarks sweep by port).
+        atexit.register(_remove_own_shm_buffer, f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
+                        f"{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank()}")
     if world_size() > 1:
         _heartbeat = Heartbeat()
 

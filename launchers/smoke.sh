@@ -5,4 +5,5 @@ set -euo pipefail
 args=("$@")
 case " $* " in *" --config "*) ;; *) args=(--config smoke "${args[@]}") ;; esac
 case " $* " in *" --output "*) ;; *) args+=(--output "${OUTPUT:-runs/smoke}") ;; esac
-exec deepspeed --num_gpus 1 --module kclip.cli train "${args[@]}"
+# `kclip launch` passes SIGTERM / Ctrl-C to the rank (the bare deepspeed runner would leave it running, orphaned).
+exec python -m kclip.cli launch deepspeed --num_gpus 1 --module kclip.cli train "${args[@]}"

@@ -17,5 +17,7 @@ MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE"
     if [ -n "${!var:-}" ]; then echo "$var=${!var}"; fi
   done
 } > .deepspeed_env
-exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+# Under pdsh no rank is a child of this node's launcher: `kclip launch` hands signals to the runner, which forwards
+# them over pdsh (launch.py on each node then SIGTERMs its ranks, SIGKILLing them 30 s later).
+exec python -m kclip.cli launch deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   --module kclip.cli train "$@"

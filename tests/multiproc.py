@@ -10,6 +10,7 @@ import queue
 import time
 import traceback
 
+from kclip import dist
 from kclip.dist import free_port
 
 COLLECTIVE_TIMEOUT_S = 60
@@ -38,8 +39,9 @@ def _child(fn, args, rank, world_size, port, results, extra_env):
         results.put((rank, "err", traceback.format_exc()))
 
 
-def cleanup_shm() -> None:
-    for path in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+def cleanup_shm(port: int | None = None) -> None:
+    """Spawned ranks end with os._exit, which skips kclip's own removal at exit: sweep their buffers by port."""
+    for path in glob.glob(dist.shm_buffer_glob(port)):
         try:
             os.remove(path)
         except OSError:
@@ -87,7 +89,7 @@ def run_ranks(fn, *args, world_size: int = 2, timeout: float = 240, env: dict | 
             if p.is_alive():
                 p.kill()
                 p.join()
-        cleanup_shm()
+        cleanup_shm(port)
     if errors:
         raise RuntimeError("\n".join(errors))
     return [out[r] for r in range(world_size)]

@@ -122,7 +122,7 @@ def captioned_mds(root, captions: list[str]) -> str:
 
 
 def split_loader(data: str, loaded):
-    """The loader kclip.train.loop evaluates with (not kclip eval's), so both callers of embed_split are covered."""
+    """The loader training evaluates with (kclip.train.validation), not kclip eval's: both callers of embed_split are covered."""
     return build_loader(data, batch_size=8, image_size=loaded.cfg.student.image_size, train=False,
                         student_tokenizer=loaded.tokenizer.hf, student_max_len=loaded.tokenizer.max_len,
                         shuffle=False, num_workers=0)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 from shapes import make_shapes_mds
-from test_train import REPO, _env, _port, losses, run_ok, train_cmd, wait_for
+from test_train import REPO, _env, losses, run_ok, train_cmd, wait_for
 
+from kclip.dist import free_port
 from kclip.train.metrics import read_metrics
 
 
@@ -21,7 +22,7 @@ def shapes(tmp_path_factory) -> Path:
 
 def test_survivor_names_the_killed_rank_and_exits(shapes, tmp_path):
     """Two ranks started without a launcher (nothing else would kill the survivor): SIGKILL rank 1 mid-run."""
-    run, port = tmp_path / "crash", _port()
+    run, port = tmp_path / "crash", str(free_port())
     procs = []
     for rank in (0, 1):
         env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2",
@@ -78,8 +79,11 @@ def test_a_save_killed_midway_is_never_resumed(shapes, two_checkpoints, tmp_path
 
 def test_resuming_with_a_changed_config_lists_the_keys(shapes, two_checkpoints, tmp_path):
     run = _copy(two_checkpoints, tmp_path)
+    saved_config = (run / "config.yaml").read_text()
     error = _resume_error(run, shapes, "loss.distill_weight=0.5", "optim.lr=0.01")
     assert "loss.distill_weight: 1.0 -> 0.5" in error and "optim.lr" in error
+    assert (run / "config.yaml").read_text() == saved_config  # a refused resume leaves the folder as it was
+    assert not (run / "run.lock").exists()  # released on the error exit
     proc = run_ok(train_cmd(run, shapes, "train.steps=12", "checkpoint.every=4", "loss.distill_weight=0.5",
                             "optim.lr=0.01", resume="latest") + ["--allow-config-change"])
     assert max(losses(run)) == 12, proc.stderr[-1000:]
@@ -147,7 +151,7 @@ def test_soak_memory_flat_and_nothing_accumulates(shapes, tmp_path):
     # After warm-up (allocator pools, first concept fits), resident memory must not keep growing.
     assert rss[300] - rss[100] < 40, rss
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000250", "step_00000300"]
-    assert not [n for n in set(os.listdir("/dev/shm")) - shm_before if not n.startswith("deepspeed_allreduce")]
+    assert set(os.listdir("/dev/shm")) - shm_before == set()  # nothing, DeepSpeed's allreduce buffer included
 
 
 def test_universal_copies_take_no_keep_last_slot_and_go_with_their_checkpoint(tmp_path):
@@ -160,3 +164,38 @@ def test_universal_copies_take_no_keep_last_slot_and_go_with_their_checkpoint(tm
         "step_00000010", "step_00000020", "step_00000030", "step_00000040"]
     checkpoint.prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000030", "step_00000040"]
+
+
+def _own_shm_buffers(port: str) -> list[str]:
+    import glob
+
+    from kclip import dist
+
+    return glob.glob(dist.shm_buffer_glob(port))
+
+
+def test_runs_leave_dev_shm_as_they_found_it_also_on_error_exits(shapes, tmp_path):
+    """DeepSpeed's CPU allreduce buffer (66 MiB per rank) goes with the run: after a clean exit and after an error."""
+    for name, overrides, code in (("ok", ["train.steps=2"], 0),
+                                  ("nan", ["optim.lr=1.0e+30", "optim.warmup_steps=1", "train.max_bad_steps=1",
+                                           "optim.grad_clip=0", "train.steps=4"], 1)):
+        port = str(free_port())
+        env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        proc = subprocess.run(train_cmd(tmp_path / name, shapes, *overrides), env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == code, proc.stderr[-3000:]
+        assert _own_shm_buffers(port) == [], name
+
+
+def test_a_dev_shm_too_small_fails_before_any_process_group(shapes, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from kclip import dist
+    from kclip.cli import main
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(dist.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(64 << 20, 32 << 20, 32 << 20))
+    assert main(["train", "--config", "smoke", "--output", str(tmp_path / "run"), f"data.train={shapes}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "/dev/shm has 32 MiB free; DeepSpeed's CPU accelerator needs 66 MiB" in error[0], error
+    assert "--shm-size" in error[0] and not (tmp_path / "run").exists()

@@ -21,7 +21,7 @@ def shapes(tmp_path_factory):
 def _setup(data: str, run_dir: str, micro: int, *extra: str):
     from kclip import dist
     from kclip.config import load_config
-    from kclip.train.loop import setup
+    from kclip.train.state import setup
 
     # eps=1 makes Adam's first update lr * g / (|g| + 1): it follows the gradient's size, where the default eps would
     # give lr * sign(g) and hide a wrong scaling. No clipping and no decay: the update is the gradient's alone.

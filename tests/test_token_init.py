@@ -19,7 +19,7 @@ from kclip.models.knowledge_clip import KnowledgeCLIP
 from kclip.models.token_init import init_token_embeddings, pca_reduce
 from kclip.teacher.model import build_teacher
 from kclip.train import checkpoint
-from kclip.train.loop import build_optimizer
+from kclip.train.engine import build_optimizer
 
 TOKEN_EMBEDDING = "student.text.text_model.embeddings.token_embedding.weight"
 

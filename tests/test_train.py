@@ -182,7 +182,7 @@ def test_teacher_folder_without_weights_fails_before_any_process_group(shapes, t
     folder = tmp_path / "llama"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "llama"}')
-    proc = subprocess.run(train_cmd(tmp_path / "run", shapes, f"teacher.path={folder}"), env=_env(), cwd=REPO,
+    proc = subprocess.run(train_cmd(tmp_path / "run", shapes, "teacher.random_config=null", f"teacher.path={folder}"), env=_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"kclip: error: teacher.path: {folder} holds no weights" in proc.stderr

@@ -222,6 +222,9 @@ class EvalConfig:
 class DistConfig:
     # bound on every collective, so a dead rank fails the run instead of hanging it
     timeout_s: float = num(600.0, POSITIVE)
+    # bound on the start-up rendezvous alone: ranks of a loaded node or a staggered SLURM start may join minutes apart,
+    # which must not force a long collective timeout on the whole run
+    rendezvous_timeout_s: float = num(900.0, POSITIVE)
 
 
 @dataclass

@@ -19,7 +19,7 @@ class KnowledgeCLIP(nn.Module):
     def __init__(self, cfg: Config, tokenizer, teacher_dim: int | None):
         super().__init__()
         self.student = build_student(cfg.student, tokenizer)
-        # A configured or pretrained temperature above the cap starts at the cap (training keeps it there: train.py).
+        # A configured or pretrained temperature above the cap starts at the cap (training keeps it there: the task clamps after each step).
         clamp_logit_scale_(self.student.logit_scale, cfg.student.max_logit_scale)
         dim = embed_dim(self.student)
         self.projector = None

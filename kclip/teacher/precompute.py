@@ -26,7 +26,7 @@ def precompute(cfg: Config, run_dir: str | Path) -> dict:
     from kclip.teacher.cache import embed_cached, open_cache
     from kclip.teacher.model import build_teacher
 
-    dist.init(cfg.dist.timeout_s)
+    dist.init(cfg.dist.timeout_s, cfg.dist.rendezvous_timeout_s)
     teacher = build_teacher(cfg.teacher)
     cache = open_cache(cfg, teacher, run_dir)
     loader = build_caption_loader(cfg.data.train, batch_size=cfg.train.global_batch_size // dist.world_size(),

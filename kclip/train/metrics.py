@@ -1,9 +1,105 @@
-"""Rank-0 run logging: metrics.jsonl (the source of truth), TensorBoard events, optional Weights & Biases."""
+"""Run logging. `MetricsLogger` writes rank 0's metrics.jsonl (the source of truth), TensorBoard events and optional
+Weights & Biases; `TrainingLog` decides when a line is due and what it holds, over all ranks, and drives rank 0's
+progress bar."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from kclip import dist
+from kclip.config import to_dict
+
+
+class LogWindow:
+    """Loss terms, samples and time since the last log line, summarised over all ranks."""
+
+    def __init__(self):
+        self.terms: dict[str, torch.Tensor] = {}
+        self.steps = self.samples = 0
+        self.logit_scale = float("nan")
+        self.start = time.perf_counter()
+
+    def add(self, result):
+        """A finite step's loss terms (the skipped ones are counted and logged by the loop)."""
+        for key, value in {**result.terms, "total": result.total}.items():
+            self.terms[key] = self.terms.get(key, 0.0) + value
+        self.steps += 1
+        self.samples += result.samples
+        self.logit_scale = float(result.logit_scale)
+
+    def summary(self) -> dict[str, float]:
+        """Collective (one all-reduce): mean loss terms over the window's steps and all ranks, throughput; then
+        starts a new window."""
+        n = max(1, self.steps)
+        out = global_mean({f"loss/{k}": v / n for k, v in self.terms.items()})
+        out.update(logit_scale=self.logit_scale,
+                   samples_per_s=self.samples / max(time.perf_counter() - self.start, 1e-9))
+        self.__init__()
+        return out
+
+
+def global_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Average scalar terms over ranks in one all-reduce, so logged numbers describe the global batch."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys]).to(dist.device())
+    dist.all_reduce_sum(stacked)
+    stacked /= dist.world_size()
+    return {k: float(v) for k, v in zip(keys, stacked.tolist())}
+
+
+class TrainingLog:
+    """The loop's log: a line every `log.every` steps, at the last step and after each concept fit (mean loss terms
+    over the window's finite steps and all ranks, throughput, phase times per step, counters, memory, teacher and
+    concept statistics); evaluation results as they come; rank 0's progress bar with ETA and the latest loss."""
+
+    def __init__(self, cfg, run_dir: Path, task, counters: dict, start_step: int):
+        self.every, self.steps = cfg.log.every, cfg.train.steps
+        self.task, self.counters = task, counters
+        self.window = LogWindow()
+        self.logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, config=to_dict(cfg),
+                                    enabled=dist.is_main(), wandb_project=cfg.log.wandb_project if cfg.log.wandb else None)
+        # Sparser bar updates when stderr goes to a file (SLURM logs), so the file stays readable.
+        self.progress = tqdm(total=self.steps, initial=start_step, unit="step", disable=not dist.is_main(),
+                             mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+
+    def record(self, step: int, result, lr: float, fit_stats: dict | None) -> None:
+        """After `step` completed steps (collective when a line is due: every rank calls it every step)."""
+        if result.finite:
+            self.window.add(result)
+        if step % self.every == 0 or step == self.steps or fit_stats is not None:
+            values = self.values(lr, fit_stats)
+            self.logger.log(step, values)
+            self.progress.set_postfix(loss=f"{values.get('loss/total', float('nan')):.4f}", lr=f"{lr:.2e}",
+                                      samples_s=f"{values['samples_per_s']:.1f}", refresh=False)
+        self.progress.update(1)
+
+    def values(self, lr: float, fit_stats: dict | None) -> dict:
+        task = self.task
+        phase_ms = task.timer.pop(per=self.window.steps)  # before the summary starts a new window
+        values = {**self.window.summary(), "lr": lr, **phase_ms, **{f"count/{k}": v for k, v in self.counters.items()},
+                  "rss_mb": psutil.Process().memory_info().rss / 2**20}
+        if task.teacher is not None:
+            values.update(teacher_tokens=task.teacher.tokens_processed, teacher_tokens_padded=task.teacher.tokens_padded)
+            if task.cache is not None:
+                values["teacher_cache_hit_rate"] = task.cache.hit_rate
+        if fit_stats is not None:
+            values.update({f"concepts/{k}": v for k, v in fit_stats.items()})
+        return values
+
+    def log(self, step: int, values: dict) -> None:
+        self.logger.log(step, values)
+
+    def close(self) -> None:
+        self.logger.close()
+        self.progress.close()
 
 
 class MetricsLogger:

@@ -1,0 +1,78 @@
+"""`kclip launch LAUNCHER ARGS...`: run a launcher (`deepspeed`, `torchrun`) so that stop signals reach the ranks.
+
+DeepSpeed 0.19.8's `deepspeed` runner forwards signals only to multi-node pdsh launches: a SIGTERM to a single-node
+`deepspeed` (what srun and schedulers send) ends the runner in 0.1 s and leaves launch.py and the ranks training as
+orphans, which slurmstepd then SIGKILLs without a checkpoint. Here the launcher runs in its own session, and
+SIGTERM / SIGUSR1 / SIGINT are sent straight to this node's ranks (the `-m kclip.cli` processes under it), which
+checkpoint at the next step boundary and exit 0; the launcher then sees clean exits and ends by itself, with no
+30-second kill deadline. Ranks on other nodes get the signal from their own node's `kclip launch` (srun signals
+every task) or, for pdsh launches, from the runner, which gets it when no rank runs on this node. Ctrl-C lands here
+only (the launcher is in another session): the first asks the ranks to checkpoint and stop, the second aborts them.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+# A signal that arrives before any rank exists (start-up) waits this long for them before going to the launcher.
+RANK_WAIT_S = 10.0
+
+
+def _is_rank(proc: psutil.Process) -> bool:
+    try:
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return False
+    return any(a == "-m" and b == "kclip.cli" for a, b in zip(cmd, cmd[1:]))
+
+
+def local_ranks(launcher: psutil.Process) -> list[psutil.Process]:
+    """The kclip processes under the launcher that a launcher started (not their data-loader workers)."""
+    try:
+        below = launcher.children(recursive=True)
+    except psutil.Error:
+        return []
+    return [p for p in below if _is_rank(p) and not _is_rank_parent(p)]
+
+
+def _is_rank_parent(proc: psutil.Process) -> bool:
+    try:
+        parent = proc.parent()
+    except psutil.Error:
+        return False
+    return parent is not None and _is_rank(parent)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: kclip launch LAUNCHER [ARGS...]   e.g. kclip launch deepspeed --num_gpus 8 --module kclip.cli "
+              "train ...", file=sys.stderr)
+        return 2
+    child = subprocess.Popen(argv, start_new_session=True)
+    launcher = psutil.Process(child.pid)
+    pending: list[int] = []
+
+    def remember(signum, frame) -> None:  # forwarded by the loop below, outside the handler
+        pending.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, remember)
+    first_pending = None
+    while child.poll() is None:
+        if pending:
+            first_pending = first_pending or time.monotonic()
+            ranks = local_ranks(launcher)
+            if ranks or time.monotonic() - first_pending > RANK_WAIT_S:
+                signum = pending.pop(0)
+                for target in ranks or [launcher]:
+                    try:
+                        target.send_signal(signum)
+                    except psutil.Error:
+                        pass
+                first_pending = None
+        time.sleep(0.1)
+    return child.returncode if child.returncode >= 0 else 128 - child.returncode
