@@ -66,6 +66,7 @@ def train_main(argv: list[str]) -> int:
     signals.install()  # before the heavy imports: a stop signal during start-up is honoured, not fatal
 
     from kclip import dist
+    from kclip.config.preflight import check_writable
     from kclip.train.run_folder import RunFolderError, check_fresh_start
 
     resume = args.resume
@@ -74,6 +75,7 @@ def train_main(argv: list[str]) -> int:
     try:
         cfg = load_run_config(args.config, args.overrides)
         check_fresh_start(Path(args.output), resume, args.overwrite)
+        check_writable("--output", Path(args.output))
     except (ConfigError, RunFolderError) as e:
         return fail(str(e), 2)
 

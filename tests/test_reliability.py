@@ -65,9 +65,16 @@ def _resume_error(run: Path, shapes: Path, *overrides: str, resume: str = "lates
 def test_truncated_checkpoint_is_detected_and_the_previous_one_offered(shapes, two_checkpoints, tmp_path):
     run = _copy(two_checkpoints, tmp_path)
     states = run / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt"
-    states.write_bytes(states.read_bytes()[:1000])
+    model_states = states.read_bytes()
+    states.write_bytes(model_states[:1000])
     error = _resume_error(run, shapes)
     assert "step_00000008 could not be loaded" in error and "--resume " + str(run / "checkpoints" / "step_00000004") in error
+    states.write_bytes(model_states)
+    rank_file = run / "checkpoints" / "step_00000008" / "rank_00000.pt"  # RNG state and embedding buffer
+    rank_file.write_bytes(rank_file.read_bytes()[:100])
+    error = _resume_error(run, shapes)
+    assert "step_00000008: rank_00000.pt could not be loaded" in error
+    assert "--resume " + str(run / "checkpoints" / "step_00000004") in error
 
 
 def test_a_save_killed_midway_is_never_resumed(shapes, two_checkpoints, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -115,3 +116,36 @@ def test_a_second_training_on_a_live_folder_is_refused_in_one_line(shapes, tmp_p
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kclip: error:")]
     assert proc.returncode == 1 and len(errors) == 1 and f"in use by pid {os.getpid()}" in errors[0], proc.stderr[-2000:]
     assert not (run / "checkpoints").exists() and not (run / "config.yaml").exists()
+
+
+def _read_only(monkeypatch, folder: Path) -> None:
+    """Writes under `folder` fail with EROFS, as on a read-only mount (root ignores chmod, so a chmod proves nothing)."""
+    import errno
+    import tempfile
+
+    real = tempfile.TemporaryFile
+
+    def temporary_file(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve().is_relative_to(folder.resolve()):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
+
+
+def test_a_read_only_output_or_data_folder_is_one_line_before_any_process_group(shapes, tmp_path, monkeypatch, capsys):
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    _read_only(monkeypatch, read_only)
+    assert main(["train", "--config", "smoke", "--output", str(read_only / "run"), f"data.train={shapes}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"kclip: error: --output: {read_only / 'run'} is not writable (Read-only file system)"], error
+    # kclip's datasets are .zstd shards: streaming writes the decompressed shards into the dataset folder
+    data = read_only / "data"
+    shutil.copytree(shapes, data)
+    for raw in data.glob("*.mds"):
+        raw.unlink()  # as `kclip prepare` leaves them: compressed only
+    assert main(["train", "--config", "smoke", "--output", str(tmp_path / "run"), f"data.train={data}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"data.train: {data} holds compressed shards" in error[0], error
+    assert "not writable (Read-only file system)" in error[0]

@@ -279,6 +279,12 @@ def test_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="holds no weights"):
         build_teacher(TeacherConfig(path=str(tmp_path)))
     (tmp_path / "m.gguf").write_bytes(b"")
+    with pytest.raises(ConfigError, match="m.gguf is empty; download it again"):
+        build_teacher(TeacherConfig(path=str(tmp_path / "m.gguf")))
+    (tmp_path / "m.gguf").write_bytes(b"<!DOCTYPE html><html>rate limited</html>")
+    with pytest.raises(ConfigError, match="is not a GGUF file"):
+        build_teacher(TeacherConfig(path=str(tmp_path / "m.gguf")))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(60))
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` fail as if it were not installed
     with pytest.raises(ConfigError, match="needs the `gguf` package"):
         build_teacher(TeacherConfig(path=str(tmp_path / "m.gguf")))
@@ -369,3 +375,13 @@ def test_middle_layer_truncation_equals_the_full_models_hidden_state():
             hidden = full(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
         expected = hidden[torch.arange(2), mask.sum(1) - 1]
         torch.testing.assert_close(teacher.embed(ids, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.teacher_file
+def test_a_truncated_gguf_is_one_line_naming_the_file(tmp_path):
+    data = Path(real_teacher_path()).read_bytes()
+    truncated = tmp_path / "half.gguf"
+    truncated.write_bytes(data[: len(data) // 2])  # an interrupted download: valid header, tensors cut off
+    with pytest.raises(ConfigError, match=f"teacher.path: {truncated} cannot be read, truncated or corrupt"):
+        build_teacher(TeacherConfig(path=str(truncated)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from kclip.config.schema import ConfigError, TeacherConfig, check_section
@@ -40,7 +41,22 @@ def check_mds(key: str, folder: str | None, required: bool) -> int | None:
                and not (s.get("zip_data") and (Path(folder) / s["zip_data"]["basename"]).exists())]
     if missing:
         raise ConfigError(f"{key}: {len(missing)} shard(s) listed in index.json are missing, e.g. {missing[0]}")
+    if any(not (Path(folder) / s["raw_data"]["basename"]).exists() for s in index["shards"]):
+        # streaming decompresses .zstd shards next to them on first read, mid-epoch, on every rank
+        check_writable(key, Path(folder), why="holds compressed shards that streaming decompresses next to them")
     return mds_num_samples(folder)
+
+
+def check_writable(key: str, folder: Path, why: str = "") -> None:
+    """ConfigError naming `key` unless a file can be created in `folder` (or, if it does not exist yet, in the nearest
+    folder above it that does). A real write, not os.access: root passes os.access on any folder it cannot write."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        reason = f"{why}, but it is not writable" if why else "is not writable"
+        raise ConfigError(f"{key}: {folder} {reason} ({e.strerror or e})") from e
 
 
 def check_teacher_path(path: str) -> None:
@@ -54,6 +70,11 @@ def check_teacher_path(path: str) -> None:
     elif not path.endswith(".gguf"):
         raise ConfigError(f"teacher.path: {path} is a file but not .gguf")
     else:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":  # an HTML error page or an interrupted download, caught before any rank loads it
+            what = "is empty" if not magic else "is not a GGUF file (no GGUF magic at its start)"
+            raise ConfigError(f"teacher.path: {path} {what}; download it again (kclip fetch-teacher for the demo's)")
         try:
             import gguf  # noqa: F401 - transformers needs it to read GGUF files
         except ImportError:

@@ -10,15 +10,17 @@ Unsharded (one process, no offload), it is a plain frozen module on the local de
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import struct
 from pathlib import Path
 
 import torch
 
 from kclip import dist
-from kclip.config import TeacherConfig
+from kclip.config import ConfigError, TeacherConfig
 from kclip.config.preflight import check_teacher, weight_files
 from kclip.ds_config import load_template
 from kclip.tokenizers import RANDOM_TEACHER_TOKENIZER, load_tokenizer, split_gguf
@@ -69,13 +71,30 @@ def teacher_ds_config(cfg: TeacherConfig, model_config, dtype: torch.dtype) -> d
     return ds
 
 
+@contextlib.contextmanager
+def _reading(path: str):
+    """A teacher file that passed the pre-flight but cannot be parsed (a truncated GGUF or safetensors file) becomes
+    one ConfigError line naming it, instead of a reshape or header traceback from deep inside the reader."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (ValueError, OSError, EOFError, KeyError, struct.error, SafetensorError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"teacher.path: {path} cannot be read, truncated or corrupt? ({type(e).__name__}: "
+                          f"{first_line})") from e
+
+
 def _model_config(cfg: TeacherConfig):
     from transformers import AutoConfig, LlamaConfig
 
     if cfg.random_config is not None:
         return LlamaConfig(**cfg.random_config)
     folder, gguf_file = split_gguf(cfg.path)
-    return AutoConfig.from_pretrained(folder, gguf_file=gguf_file) if gguf_file else AutoConfig.from_pretrained(folder)
+    with _reading(cfg.path):
+        return AutoConfig.from_pretrained(folder, gguf_file=gguf_file) if gguf_file else AutoConfig.from_pretrained(folder)
 
 
 def _load_module(cfg: TeacherConfig, model_config, dtype: torch.dtype, ds_config: dict | None) -> torch.nn.Module:
@@ -93,7 +112,8 @@ def _load_module(cfg: TeacherConfig, model_config, dtype: torch.dtype, ds_config
     # Passing the config already read saves re-parsing it (reading a GGUF's metadata takes seconds).
     kwargs = {"config": model_config, "dtype": dtype} | ({"gguf_file": gguf_file} if gguf_file else {})
     if ds_config is None:
-        return AutoModel.from_pretrained(folder, **kwargs)
+        with _reading(cfg.path):
+            return AutoModel.from_pretrained(folder, **kwargs)
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -101,7 +121,8 @@ def _load_module(cfg: TeacherConfig, model_config, dtype: torch.dtype, ds_config
     # teacher's own loading, or the student created afterwards would be partitioned too.
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     try:
-        return AutoModel.from_pretrained(folder, **kwargs)
+        with _reading(cfg.path):
+            return AutoModel.from_pretrained(folder, **kwargs)
     finally:
         unset_hf_deepspeed_config()
         del hf_ds_config

@@ -137,5 +137,13 @@ def load(engine, tag_dir: Path, engine_dir: Path | None = None) -> tuple[dict, d
     if path is None:
         raise CheckpointError(f"checkpoint {tag_dir} could not be loaded by DeepSpeed")
     rank_file = tag_dir / f"rank_{dist.rank():05d}.pt"
-    rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
+    rank_state, error = None, None
+    try:
+        rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt pickle raises many kinds
+        error = f"checkpoint {tag_dir}: {rank_file.name} could not be loaded ({type(e).__name__}: {str(e)[:200]})"
+    # Every rank fails together: a rank left alone in its next collective would hang until the timeout.
+    if dist.all_reduce_max(int(error is not None)):
+        raise CheckpointError((error or f"checkpoint {tag_dir}: another rank's rank_*.pt could not be loaded")
+                              + _others_hint(tag_dir))
     return client_state, rank_state
