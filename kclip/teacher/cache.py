@@ -16,12 +16,18 @@ not hostname, so a requeued job on other machines finds its cache again; a job h
 second job sharing `cache_dir` at the same time takes the next free slot (`node<i>-2`, ...) instead.
 Rows are flushed before each checkpoint; a row computed after the last checkpoint by a killed run is still the
 teacher's embedding of that caption, so reusing it is correct.
+
+The files get all their disk blocks when they are created (a cache written sparse by an older kclip, when it is next
+opened): a sparse memmap gets a block when a page is first written, and on a full disk that write kills the process
+with SIGBUS, without a word, in the middle of training.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -83,17 +89,21 @@ class TeacherCache:
     def _create_or_validate(self, folder: Path) -> None:
         meta_path = folder / "meta.json"
         n, d = self.meta["num_samples"], self.meta["dim"]
-        sizes_ok = ((folder / "emb.f32").is_file() and (folder / "emb.f32").stat().st_size == n * d * 4
-                    and (folder / "filled.u8").is_file() and (folder / "filled.u8").stat().st_size == n)
+        sizes = {folder / "emb.f32": n * d * 4, folder / "filled.u8": n}
+        sizes_ok = all(path.is_file() and path.stat().st_size == size for path, size in sizes.items())
         if meta_path.is_file() and sizes_ok:
             try:
                 if json.loads(meta_path.read_text()) == self.meta:
+                    for path, size in sizes.items():  # files created sparse, before kclip allocated them
+                        _allocate(path, size, fresh=False)
                     return
             except json.JSONDecodeError:
                 pass
         # Missing, truncated or from another teacher/dataset: rebuild from nothing rather than trust any row.
-        np.memmap(folder / "emb.f32", dtype=np.float32, mode="w+", shape=(n, d)).flush()
-        np.memmap(folder / "filled.u8", dtype=np.uint8, mode="w+", shape=(n,)).flush()
+        # meta.json goes first and comes back last, so a rebuild cut short is never taken for a whole cache.
+        meta_path.unlink(missing_ok=True)
+        for path, size in sizes.items():
+            _allocate(path, size, fresh=True)
         meta_path.write_text(json.dumps(self.meta, indent=1))
 
     def lookup(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +146,23 @@ class TeacherCache:
     @property
     def hit_rate(self) -> float:
         return self.hits / max(1, self.lookups)
+
+
+def _allocate(path: Path, nbytes: int, *, fresh: bool) -> None:
+    """Give `path` (created empty if `fresh`) its `nbytes` and every disk block of them now, so that a full disk
+    fails here in one line rather than as SIGBUS at the memmap's first write into a hole. Allocation keeps what the
+    file holds; a file already allocated is left alone (without fallocate support, glibc touches every block)."""
+    with open(path, "wb" if fresh else "r+b") as f:
+        if os.fstat(f.fileno()).st_blocks * 512 >= nbytes:
+            return
+        try:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            if fresh:
+                f.truncate(0)  # give back the blocks it did get: the next open rebuilds it anyway
+            raise TeacherCacheError(f"No space left on device: {path} (needs {nbytes / 1e9:.3g} GB)") from e
 
 
 def _from_node_leader(value: str | Exception | None) -> str:

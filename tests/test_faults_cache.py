@@ -1,0 +1,101 @@
+"""Faults of the disk under the teacher cache: a disk too small for it. Full disks are simulated (monkeypatched
+fallocate), not made."""
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from shapes import make_shapes_mds
+from test_teacher_cache import TINY, _batch, _cache
+from test_train import REPO, _env
+
+from kclip.config import TeacherConfig
+from kclip.teacher.cache import TeacherCache, TeacherCacheError, embed_cached
+from kclip.teacher.model import build_teacher
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return str(make_shapes_mds(tmp_path_factory.mktemp("shapes"), n=24))
+
+
+def _no_space(*args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _allocated(path: Path) -> bool:
+    return path.stat().st_blocks * 512 >= path.stat().st_size > 0
+
+
+def test_cache_files_get_their_disk_blocks_when_opened(tmp_path, data):
+    teacher = build_teacher(TeacherConfig(random_config=TINY), shard=False)
+
+    def open_cache():  # rows for more samples than the data has: an emb.f32 of many blocks, so it can have holes
+        return TeacherCache(tmp_path, teacher_fingerprint=teacher.fingerprint, dataset_dir=data, num_samples=4096,
+                            dim=teacher.hidden_size)
+
+    cache = open_cache()
+    assert _allocated(cache.folder / "emb.f32") and _allocated(cache.folder / "filled.u8")
+    first = embed_cached(teacher, cache, _batch(teacher, [5], ["a red circle"]))
+    cache.close()
+    # A cache written sparse (as kclip wrote them before): its one row kept, its holes allocated at the next open.
+    emb_path = cache.folder / "emb.f32"
+    row, size = np.asarray(cache.emb[5]).tobytes(), emb_path.stat().st_size
+    emb_path.unlink()
+    with open(emb_path, "wb") as f:
+        f.seek(5 * len(row))
+        f.write(row)
+        f.truncate(size)
+    assert not _allocated(emb_path)
+    reopened = open_cache()
+    assert reopened.folder == cache.folder and _allocated(emb_path)
+    emb, hit = reopened.lookup(torch.tensor([5]))
+    assert hit.all() and torch.equal(emb, first)
+
+
+def test_a_disk_too_small_for_the_cache_fails_at_open_in_one_line(tmp_path, data, monkeypatch):
+    teacher = build_teacher(TeacherConfig(random_config=TINY), shard=False)
+    monkeypatch.setattr(os, "posix_fallocate", _no_space)
+    with pytest.raises(TeacherCacheError) as failure:
+        _cache(tmp_path, teacher, data)
+    message = str(failure.value)
+    emb_bytes = 24 * TINY["hidden_size"] * 4
+    assert message.startswith("No space left on device: ") and "\n" not in message
+    assert message.endswith(f"emb.f32 (needs {emb_bytes / 1e9:.3g} GB)")
+    (folder,) = tmp_path.glob("*/node0")
+    assert (folder / "emb.f32").stat().st_size == 0 and not (folder / "meta.json").exists()
+    monkeypatch.undo()  # space freed: the next open builds the cache
+    assert not np.asarray(_cache(tmp_path, teacher, data).filled).any()
+
+
+# Run as `python -c`, so that exit code and stderr are what a user sees.
+_CLI_WITHOUT_SPACE = """
+import errno, os, sys
+def no_space(*args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+os.posix_fallocate = no_space
+from kclip.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _cli_without_space(command: str, run: Path, data: str, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _CLI_WITHOUT_SPACE, command, "--config", "smoke", "--output", str(run),
+                           f"data.train={data}", "dist.timeout_s=60", *overrides], env=_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("kclip: error: ")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]
+
+
+def test_kclip_teacher_cache_on_a_full_disk_says_so_in_one_line(tmp_path, data):
+    run = tmp_path / "run"
+    line = _one_error_line(_cli_without_space("teacher-cache", run, data))
+    assert line.startswith(f"kclip: error: No space left on device: {run / 'teacher_cache'}") and "GB)" in line
