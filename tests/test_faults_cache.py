@@ -1,5 +1,5 @@
-"""Faults of the disk under the teacher cache: a disk too small for it. Full disks are simulated (monkeypatched
-fallocate), not made."""
+"""Faults of the disk under the teacher cache and the checkpoints: a disk too small for the cache or filling up
+during a save. Full disks are simulated (monkeypatched fallocate, torch.save writing to /dev/full), not made."""
 import errno
 import os
 import subprocess
@@ -74,10 +74,15 @@ def test_a_disk_too_small_for_the_cache_fails_at_open_in_one_line(tmp_path, data
 
 # Run as `python -c`, so that exit code and stderr are what a user sees.
 _CLI_WITHOUT_SPACE = """
-import errno, os, sys
+import errno, os, sys, torch
 def no_space(*args):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-os.posix_fallocate = no_space
+real_save = torch.save
+def save(obj, f, *args, **kwargs):  # the disk fills during the second checkpoint
+    return real_save(obj, "/dev/full" if "step_00000002" in str(f) else f, *args, **kwargs)
+if sys.argv[1] == "teacher-cache":
+    os.posix_fallocate = no_space
+torch.save = save
 from kclip.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -99,3 +104,65 @@ def test_kclip_teacher_cache_on_a_full_disk_says_so_in_one_line(tmp_path, data):
     run = tmp_path / "run"
     line = _one_error_line(_cli_without_space("teacher-cache", run, data))
     assert line.startswith(f"kclip: error: No space left on device: {run / 'teacher_cache'}") and "GB)" in line
+
+
+def test_kclip_train_whose_disk_fills_during_a_save_stops_in_one_line(tmp_path, data):
+    run = tmp_path / "run"
+    line = _one_error_line(_cli_without_space("train", run, data, "train.steps=3", "checkpoint.every=1"))
+    assert line == f"kclip: error: No space left on device: {run / 'checkpoints' / 'step_00000002'}"
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000001"
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_00000001"]
+
+
+def _save_while_disks_fill(ckpt_dir: str) -> list:
+    """A tiny ZeRO-1 engine saves step 1, then steps whose writes fail on some ranks (DeepSpeed's files, kclip's
+    rank file, rank 0's COMPLETE), then step 9: what each save raised, and what each left on disk."""
+    import deepspeed
+
+    from kclip import dist
+    from kclip.train import checkpoint
+
+    module = torch.nn.Linear(4, 2)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.1), config={
+        "train_batch_size": dist.world_size(), "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True})
+    ckpt_dir, last = Path(ckpt_dir), dist.world_size() - 1
+    real_save, real_write = torch.save, checkpoint._atomic_write
+
+    def disk_fills(ranks, files):
+        def save(obj, f, *args, **kwargs):
+            return real_save(obj, "/dev/full" if dist.rank() in ranks and files(str(f)) else f, *args, **kwargs)
+        return save
+
+    deepspeed_files, rank_file = (lambda f: not f.endswith(".pt.tmp")), (lambda f: f.endswith(".pt.tmp"))
+    faults = {2: disk_fills({0, last}, deepspeed_files), 3: disk_fills({0}, deepspeed_files),
+              4: disk_fills({last}, deepspeed_files), 5: disk_fills({last}, rank_file), 6: None}
+    seen = []
+    for step in (1, 2, 3, 4, 5, 6, 9):
+        torch.save = faults.get(step) or real_save
+        checkpoint._atomic_write = _no_space if step == 6 else real_write
+        try:
+            checkpoint.save(engine, ckpt_dir, step, {"step": step}, {"rank": dist.rank()}, keep_last=0)
+            error = None
+        except checkpoint.CheckpointError as e:
+            error = str(e)
+        finally:
+            torch.save, checkpoint._atomic_write = real_save, real_write
+        dist.barrier()
+        seen.append((step, error, sorted(p.name for p in ckpt_dir.glob("step_*")), (ckpt_dir / "latest").read_text()))
+        dist.barrier()
+    return seen
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_checkpoint_save_on_a_full_disk_fails_on_every_rank_and_leaves_latest(tmp_path, world_size):
+    from multiproc import run_ranks
+
+    ckpt_dir = tmp_path / "checkpoints"
+    for seen in run_ranks(_save_while_disks_fill, str(ckpt_dir), world_size=world_size):
+        for step, error, names, latest in seen:
+            if step in (1, 9):
+                assert error is None and latest == f"step_{step:08d}"
+            else:  # every rank hears of it, also those whose own writes succeeded; nothing is left behind
+                assert error == f"No space left on device: {ckpt_dir / f'step_{step:08d}'}"
+                assert latest == "step_00000001" and names == ["step_00000001"]
+        assert seen[-1][2] == ["step_00000001", "step_00000009"]
