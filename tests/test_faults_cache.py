@@ -1,5 +1,5 @@
-"""Faults of the disk under the teacher cache and the checkpoints: a disk too small for the cache or filling up
-during a save. Full disks are simulated (monkeypatched fallocate, torch.save writing to /dev/full), not made."""
+"""Faults of the disk under the teacher cache and the checkpoints: a disk too small or filling up mid-save, and cache
+rows damaged on disk. Full disks are simulated (monkeypatched fallocate, torch.save writing to /dev/full), not made."""
 import errno
 import os
 import subprocess
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from shapes import make_shapes_mds
-from test_teacher_cache import TINY, _batch, _cache
+from test_teacher_cache import CAPTIONS, TINY, _batch, _cache
 from test_train import REPO, _env
 
 from kclip.config import TeacherConfig
@@ -36,7 +36,7 @@ def test_cache_files_get_their_disk_blocks_when_opened(tmp_path, data):
 
     def open_cache():  # rows for more samples than the data has: an emb.f32 of many blocks, so it can have holes
         return TeacherCache(tmp_path, teacher_fingerprint=teacher.fingerprint, dataset_dir=data, num_samples=4096,
-                            dim=teacher.hidden_size)
+                            dim=teacher.hidden_size, unit_norm=True)
 
     cache = open_cache()
     assert _allocated(cache.folder / "emb.f32") and _allocated(cache.folder / "filled.u8")
@@ -166,3 +166,80 @@ def test_a_checkpoint_save_on_a_full_disk_fails_on_every_rank_and_leaves_latest(
                 assert error == f"No space left on device: {ckpt_dir / f'step_{step:08d}'}"
                 assert latest == "step_00000001" and names == ["step_00000001"]
         assert seen[-1][2] == ["step_00000001", "step_00000009"]
+
+
+def _damage(cache, rng) -> None:
+    """Row 1: random bytes (a failing disk); 2: zeros (a page lost in a crash, marked filled); 3: one NaN;
+    4: its second half zeros (a torn write)."""
+    row_bytes = cache.emb.shape[1] * 4
+    cache.emb[1] = np.frombuffer(rng.bytes(row_bytes), dtype=np.float32)
+    cache.emb[2] = 0
+    cache.emb[3, 5] = np.nan
+    cache.emb[4, cache.emb.shape[1] // 2:] = 0
+    cache.flush()
+
+
+def test_damaged_rows_are_recomputed_overwritten_and_counted(tmp_path, data):
+    teacher = build_teacher(TeacherConfig(random_config=TINY), shard=False)
+    batch = _batch(teacher, list(range(6)), CAPTIONS)
+    expected = teacher.embed(batch["teacher_input_ids"], batch["teacher_attention_mask"])
+    cache = _cache(tmp_path, teacher, data)
+    embed_cached(teacher, cache, batch)
+    _damage(cache, np.random.default_rng(0))
+    cache.close()
+    damaged = _cache(tmp_path, teacher, data)
+    torch.testing.assert_close(embed_cached(teacher, damaged, batch), expected)
+    assert damaged.corrupt_rows == 4 and damaged.hits == 2
+    damaged.close()
+    repaired = _cache(tmp_path, teacher, data)  # the recomputed rows were written back
+    torch.testing.assert_close(embed_cached(teacher, repaired, batch), expected)
+    assert repaired.corrupt_rows == 0 and repaired.hit_rate == 1.0
+
+
+def test_without_normalisation_non_finite_zero_and_random_rows_are_still_found(tmp_path, data):
+    teacher = build_teacher(TeacherConfig(random_config=TINY, normalize=False), shard=False)
+    batch = _batch(teacher, list(range(6)), CAPTIONS)
+    cache = _cache(tmp_path, teacher, data)
+    assert not cache.unit_norm
+    clean = embed_cached(teacher, cache, batch)
+    assert cache.intact(clean.numpy()).all()  # the teacher's own rows, whatever their norm, are never rejected
+    _damage(cache, np.random.default_rng(0))
+    emb, hit = cache.lookup(batch["index"])
+    # Random bytes overflow the float32 squared norm; a torn row with a plausible norm is only found by a normalising
+    # teacher's norm check.
+    assert hit.tolist() == [True, False, False, False, True, True] and cache.corrupt_rows == 3
+    assert not emb[~hit].any()
+
+
+def _recompute_on_one_rank(cache_dir: str, data: str) -> dict:
+    """Both ranks (one node, one cache) fill rows 0-5, rank r rows 3r..3r+2; rank 0 damages two of its rows, then
+    both ask again for their own rows: only rank 0 has misses, both must still run the same teacher forwards."""
+    from kclip import dist
+
+    teacher = build_teacher(TeacherConfig(random_config=TINY))
+    cache = _cache(cache_dir, teacher, data)
+    mine = list(range(3 * dist.rank(), 3 * dist.rank() + 3))
+    batch = _batch(teacher, mine, [CAPTIONS[i] for i in mine])
+    embed_cached(teacher, cache, batch)
+    if dist.rank() == 0:
+        cache.emb[1] = np.frombuffer(np.random.default_rng(1).bytes(cache.emb.shape[1] * 4), dtype=np.float32)
+        cache.emb[2] = 0
+    dist.barrier()
+    forwards = teacher.forwards
+    again = embed_cached(teacher, cache, batch)
+    dist.barrier()
+    return {"again": again.numpy(), "corrupt": cache.corrupt_rows, "forwards": teacher.forwards - forwards,
+            "rows": np.asarray(cache.emb[:6]).copy()}
+
+
+def test_damaged_rows_on_one_rank_are_recomputed_in_step_with_the_other(tmp_path, data):
+    from multiproc import run_ranks
+
+    rank0, rank1 = run_ranks(_recompute_on_one_rank, str(tmp_path), data)
+    reference = build_teacher(TeacherConfig(random_config=TINY), shard=False)
+    expected = reference.embed(*reference.tokenize(CAPTIONS)).numpy()
+    assert rank0["corrupt"] == 2 and rank1["corrupt"] == 0
+    assert rank0["forwards"] == rank1["forwards"] == 1  # rank 1 ran a dummy forward for rank 0's recompute
+    np.testing.assert_allclose(rank0["again"], expected[:3], atol=1e-5)
+    np.testing.assert_allclose(rank1["again"], expected[3:], atol=1e-5)
+    np.testing.assert_allclose(rank1["rows"], expected, atol=1e-5)  # overwritten in the node's one copy
