@@ -27,7 +27,7 @@ def _batch(teacher, indices, captions):
 
 def _cache(tmp_path, teacher, data):
     return TeacherCache(tmp_path, teacher_fingerprint=teacher.fingerprint, dataset_dir=data,
-                        num_samples=mds_num_samples(data), dim=teacher.hidden_size)
+                        num_samples=mds_num_samples(data), dim=teacher.hidden_size, unit_norm=teacher.cfg.normalize)
 
 
 def test_second_epoch_is_served_from_cache_with_identical_values(tmp_path, data):

@@ -16,12 +16,20 @@ not hostname, so a requeued job on other machines finds its cache again; a job h
 second job sharing `cache_dir` at the same time takes the next free slot (`node<i>-2`, ...) instead.
 Rows are flushed before each checkpoint; a row computed after the last checkpoint by a killed run is still the
 teacher's embedding of that caption, so reusing it is correct.
+
+The files get all their disk blocks when they are created (a cache written sparse by an older kclip, when it is next
+opened): a sparse memmap gets a block when a page is first written, and on a full disk that write kills the process
+with SIGBUS, without a word, in the middle of training.
+Rows marked filled are checked as they are read (`TeacherCache.intact`): a damaged one (random bytes from a failing
+disk, zeros from a page lost in a crash) is a miss, recomputed by the teacher, overwritten and counted.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +47,8 @@ class TeacherCacheError(RuntimeError):
 
 
 class TeacherCache:
-    def __init__(self, cache_dir: str | Path, *, teacher_fingerprint: str, dataset_dir: str, num_samples: int, dim: int):
+    def __init__(self, cache_dir: str | Path, *, teacher_fingerprint: str, dataset_dir: str, num_samples: int, dim: int,
+                 unit_norm: bool):
         index_bytes = (Path(dataset_dir) / "index.json").read_bytes()
         key = hashlib.sha256(teacher_fingerprint.encode() + index_bytes).hexdigest()[:16]
         self.meta = {"teacher": teacher_fingerprint, "dataset": str(Path(dataset_dir).resolve()),
@@ -58,8 +67,10 @@ class TeacherCache:
         self.folder = Path(_from_node_leader(claim))
         self.emb = np.memmap(self.folder / "emb.f32", dtype=np.float32, mode="r+", shape=(num_samples, dim))
         self.filled = np.memmap(self.folder / "filled.u8", dtype=np.uint8, mode="r+", shape=(num_samples,))
+        self.unit_norm = unit_norm  # the teacher normalises: every row it stores has norm 1
         self.hits = 0
         self.lookups = 0
+        self.corrupt_rows = 0  # rows marked filled that failed `intact` and were served as misses
 
     def _claim_slot(self, root: Path) -> str:
         """The first of node<i>, node<i>-2, ... whose lock is free; its files created or validated."""
@@ -83,26 +94,44 @@ class TeacherCache:
     def _create_or_validate(self, folder: Path) -> None:
         meta_path = folder / "meta.json"
         n, d = self.meta["num_samples"], self.meta["dim"]
-        sizes_ok = ((folder / "emb.f32").is_file() and (folder / "emb.f32").stat().st_size == n * d * 4
-                    and (folder / "filled.u8").is_file() and (folder / "filled.u8").stat().st_size == n)
+        sizes = {folder / "emb.f32": n * d * 4, folder / "filled.u8": n}
+        sizes_ok = all(path.is_file() and path.stat().st_size == size for path, size in sizes.items())
         if meta_path.is_file() and sizes_ok:
             try:
                 if json.loads(meta_path.read_text()) == self.meta:
+                    for path, size in sizes.items():  # files created sparse, before kclip allocated them
+                        _allocate(path, size, fresh=False)
                     return
             except json.JSONDecodeError:
                 pass
         # Missing, truncated or from another teacher/dataset: rebuild from nothing rather than trust any row.
-        np.memmap(folder / "emb.f32", dtype=np.float32, mode="w+", shape=(n, d)).flush()
-        np.memmap(folder / "filled.u8", dtype=np.uint8, mode="w+", shape=(n,)).flush()
+        # meta.json goes first and comes back last, so a rebuild cut short is never taken for a whole cache.
+        meta_path.unlink(missing_ok=True)
+        for path, size in sizes.items():
+            _allocate(path, size, fresh=True)
         meta_path.write_text(json.dumps(self.meta, indent=1))
 
     def lookup(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings [B, D] with zeros where missing, hit mask [B])."""
+        """(embeddings [B, D] with zeros where missing, hit mask [B]). A filled row that is not `intact` is missing:
+        the caller recomputes it and `store` overwrites it."""
         idx = index.cpu().numpy()
-        hit = torch.from_numpy(self.filled[idx].astype(bool))
+        emb = np.array(self.emb[idx])
+        filled = self.filled[idx].astype(bool)
+        hit = filled & self.intact(emb)
+        emb[~hit] = 0
+        self.corrupt_rows += int((filled & ~hit).sum())
         self.lookups += len(idx)
         self.hits += int(hit.sum())
-        return torch.from_numpy(np.array(self.emb[idx])), hit
+        return torch.from_numpy(emb), torch.from_numpy(hit)
+
+    def intact(self, rows: np.ndarray) -> np.ndarray:
+        """Per row of `rows` [B, D]: whether it can be an embedding the teacher stored. One squared norm per row,
+        summed in float32, shows the usual damage: NaN or inf; zeros (a page lost in a crash); random bytes, whose
+        exponents put some element above ~1e19, so that the sum overflows. A normalising teacher's rows must also have
+        norm 1, which finds rows torn part way too (float32 normalisation is off by ~1e-7, a lost page by far more)."""
+        sq = np.einsum("ij,ij->i", rows, rows)
+        ok = np.isfinite(sq) & (sq > 0)
+        return ok & (np.abs(sq - 1) < 1e-3) if self.unit_norm else ok
 
     def store(self, index: torch.Tensor, emb: torch.Tensor) -> None:
         idx = index.cpu().numpy()
@@ -138,6 +167,23 @@ class TeacherCache:
         return self.hits / max(1, self.lookups)
 
 
+def _allocate(path: Path, nbytes: int, *, fresh: bool) -> None:
+    """Give `path` (created empty if `fresh`) its `nbytes` and every disk block of them now, so that a full disk
+    fails here in one line rather than as SIGBUS at the memmap's first write into a hole. Allocation keeps what the
+    file holds; a file already allocated is left alone (without fallocate support, glibc touches every block)."""
+    with open(path, "wb" if fresh else "r+b") as f:
+        if os.fstat(f.fileno()).st_blocks * 512 >= nbytes:
+            return
+        try:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            if fresh:
+                f.truncate(0)  # give back the blocks it did get: the next open rebuilds it anyway
+            raise TeacherCacheError(f"No space left on device: {path} (needs {nbytes / 1e9:.3g} GB)") from e
+
+
 def _from_node_leader(value: str | Exception | None) -> str:
     """Collective: every rank gets what its node's local rank 0 passed; if any leader failed, every rank raises its
     error (so no rank is left waiting in the next collective)."""
@@ -154,12 +200,14 @@ def _from_node_leader(value: str | Exception | None) -> str:
 def open_cache(cfg, teacher, run_dir: str | Path) -> TeacherCache:
     """The cache of `cfg`'s teacher over its training set (collective): `teacher.cache_dir`, else `<run_dir>/teacher_cache`."""
     return TeacherCache(cfg.teacher.cache_dir or Path(run_dir) / "teacher_cache", teacher_fingerprint=teacher.fingerprint,
-                        dataset_dir=cfg.data.train, num_samples=mds_num_samples(cfg.data.train), dim=teacher.hidden_size)
+                        dataset_dir=cfg.data.train, num_samples=mds_num_samples(cfg.data.train), dim=teacher.hidden_size,
+                        unit_norm=cfg.teacher.normalize)
 
 
 def embed_cached(teacher, cache: TeacherCache | None, batch: dict) -> torch.Tensor:
     """Teacher embeddings for a batch, from the cache where present. Collective when the teacher is sharded:
-    `teacher.embed` runs on every rank even with zero misses, and equalises forward counts itself."""
+    `teacher.embed` runs on every rank even with zero misses, and equalises forward counts itself, so ranks may miss
+    different numbers of rows (damaged ones included)."""
     ids, mask = batch["teacher_input_ids"], batch["teacher_attention_mask"]
     if cache is None:
         return teacher.embed(ids, mask)

@@ -36,13 +36,14 @@ def precompute(cfg: Config, run_dir: str | Path) -> dict:
     for batch in tqdm(loader, unit="batch", disable=not dist.is_main(), mininterval=1.0 if sys.stderr.isatty() else 30.0):
         embed_cached(teacher, cache, batch)
         truncated += int(batch["truncated"].sum())
-    totals = torch.tensor([cache.lookups - cache.hits, cache.hits, truncated, teacher.tokens_processed],
-                          dtype=torch.float64)
+    totals = torch.tensor([cache.lookups - cache.hits, cache.hits, cache.corrupt_rows, truncated,
+                           teacher.tokens_processed], dtype=torch.float64)
     dist.all_reduce_sum(totals)  # also a barrier: every rank's rows are written before they are counted
-    computed, cached, truncated, tokens = (int(v) for v in totals.tolist())
+    computed, cached, corrupt, truncated, tokens = (int(v) for v in totals.tolist())
     # Streaming repeats a few samples to give ranks equal shares, so `computed` + `already_cached` can exceed `samples`.
     result = {"cache": str(cache.folder), "samples": len(cache.filled), "filled": int(cache.filled.sum()),
-              "computed": computed, "already_cached": cached, "truncated_captions": truncated, "teacher_tokens": tokens,
+              "computed": computed, "already_cached": cached, "recomputed_corrupt": corrupt,
+              "truncated_captions": truncated, "teacher_tokens": tokens,
               "seconds": round(time.perf_counter() - start, 1)}
     cache.close()
     return result

@@ -8,6 +8,7 @@ as `latest`.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import random
 import shutil
@@ -64,23 +65,75 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep_last: int) -> Path:
-    """Collective. Every rank writes its part; rank 0 marks the checkpoint complete, moves `latest`, prunes old ones."""
+    """Collective. Every rank writes its part; rank 0 marks the checkpoint complete, moves `latest`, prunes old ones.
+    A disk that fills on any rank fails the save on every rank with one line (CheckpointError), leaving no step
+    folder behind and `latest` where it was."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     if dist.is_main() and tag_dir.exists():
         shutil.rmtree(tag_dir)  # a partial save of this step from a killed run
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    tmp = tag_dir / f"rank_{dist.rank():05d}.pt.tmp"
-    torch.save(rank_state, tmp)
-    os.replace(tmp, tag_dir / f"rank_{dist.rank():05d}.pt")
-    dist.barrier()
-    if dist.is_main():
-        _atomic_write(tag_dir / COMPLETE, f"world_size={dist.world_size()}\n")
-        _atomic_write(ckpt_dir / "latest", tag)
-        prune(ckpt_dir, keep_last)
-    dist.barrier()
+    full = _write_rank_part(engine, ckpt_dir, tag, client_state, rank_state)
+    # All-reduces where barriers would do: each also tells every rank whether any rank ran out of space, so that all
+    # fail together and none is left waiting for one that gave up.
+    if not _on_any_rank(full) and dist.is_main():
+        full = _mark_complete(ckpt_dir, tag_dir, keep_last)
+    if _on_any_rank(full):
+        if dist.is_main():
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        raise CheckpointError(f"No space left on device: {tag_dir}")
     return tag_dir
+
+
+# How torch.save's zip writer reports a write the disk had no room for: a RuntimeError without errno.
+_SHORT_WRITE = ("unexpected pos", "file write failed", "iostream error")
+
+
+def _ran_out_of_space(write) -> bool:
+    """Run `write()`; True if it failed because the disk is full. Other errors propagate."""
+    try:
+        write()
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        return True
+    except RuntimeError as e:
+        if not any(m in str(e) for m in _SHORT_WRITE):
+            raise
+        return True
+    return False
+
+
+def _on_any_rank(flag: bool) -> bool:
+    return dist.all_reduce_max(int(flag)) > 0
+
+
+def _write_rank_part(engine, ckpt_dir: Path, tag: str, client_state: dict, rank_state: dict) -> bool:
+    """This rank's DeepSpeed files and `rank_<r>.pt`; True if the disk was full. Collective (DeepSpeed's save)."""
+    if _ran_out_of_space(lambda: engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state,
+                                                        save_latest=False)):
+        # With ZeRO-1/2 every file DeepSpeed writes comes after its collectives but one, the barrier ending its save:
+        # take it here, so the ranks whose writes succeeded are released and every rank reaches the agreement.
+        dist.barrier()
+        return True
+    path = ckpt_dir / tag / f"rank_{dist.rank():05d}.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    if _ran_out_of_space(lambda: torch.save(rank_state, tmp)):
+        return True
+    os.replace(tmp, path)
+    return False
+
+
+def _mark_complete(ckpt_dir: Path, tag_dir: Path, keep_last: int) -> bool:
+    """Rank 0, once every rank has written: COMPLETE, then `latest`, then pruning; True if the disk was full."""
+    def write():
+        _atomic_write(tag_dir / COMPLETE, f"world_size={dist.world_size()}\n")
+        _atomic_write(ckpt_dir / "latest", tag_dir.name)
+
+    if _ran_out_of_space(write):
+        return True
+    prune(ckpt_dir, keep_last)
+    return False
 
 
 def resolve(run_dir: Path, resume: str) -> Path:
