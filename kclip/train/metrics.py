@@ -90,6 +90,9 @@ class TrainingLog:
             values.update(teacher_tokens=task.teacher.tokens_processed, teacher_tokens_padded=task.teacher.tokens_padded)
             if task.cache is not None:
                 values["teacher_cache_hit_rate"] = task.cache.hit_rate
+                # Rows found damaged and recomputed since this process started, summed over ranks.
+                corrupt = dist.all_reduce_sum(torch.tensor([float(task.cache.corrupt_rows)], device=dist.device()))
+                values["count/teacher_cache_corrupt_rows"] = int(corrupt.item())
         if fit_stats is not None:
             values.update({f"concepts/{k}": v for k, v in fit_stats.items()})
         return values
