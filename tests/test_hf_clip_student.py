@@ -1,5 +1,6 @@
-"""A Hugging Face CLIP student (`student.hf_clip`): it reads the CLIP folder's own tokenizer by default, and a
-tokenizer whose ids the CLIP text tower cannot pool is refused before any process group."""
+"""A Hugging Face CLIP student (`student.hf_clip`): it reads the CLIP folder's own tokenizer by default, a tokenizer
+whose ids the CLIP text tower cannot pool is refused before any process group, and its export's tokenizers truncate
+where training did."""
 from __future__ import annotations
 
 import json
@@ -10,14 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from kclip.config import Config, ConfigError, load_config
 from kclip.config.preflight import check_hf_clip
 from kclip.config.validate import validate
 from kclip.dist import free_port
-from kclip.export.load import TextTokenizer
+from kclip.export.format import EXPORT_HF, EXPORT_TOKENIZER, preprocess_spec
+from kclip.export.load import LoadedModel, TextTokenizer, build_encoder
+from kclip.export.save import export_model
 from kclip.models.knowledge_clip import KnowledgeCLIP
 from kclip.tokenizers import load_tokenizer, student_tokenizer
 
@@ -120,3 +123,17 @@ def test_the_byte_tokenizer_with_a_clip_student_fails_before_any_process_group(t
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("kclip: error:")]
     assert len(lines) == 1 and lines[0].startswith("kclip: error: student.tokenizer: byte ends a caption"), proc.stderr
+
+
+def test_export_tokenizers_truncate_at_the_runs_text_max_len(tmp_path):
+    cfg = hf_config(tiny_clip(tmp_path / "clip", max_position_embeddings=77), "student.text_max_len=24")
+    tokenizer = student_tokenizer(cfg)
+    assert tokenizer.model_max_length != 24
+    loaded = LoadedModel(build_encoder(cfg, tokenizer).eval(), TextTokenizer(tokenizer, 24), cfg, source="test",
+                         preprocess=preprocess_spec(32))
+    out = export_model(loaded, tmp_path / "export")
+    for folder in (EXPORT_HF, EXPORT_TOKENIZER):
+        saved = AutoTokenizer.from_pretrained(out / folder)
+        assert saved.model_max_length == 24
+        assert len(saved(" ".join(["word"] * 100), truncation=True)["input_ids"]) == 24
+    assert tokenizer.model_max_length != 24  # the run's (shared) tokenizer is left as it was
