@@ -1,26 +1,31 @@
 """A Hugging Face CLIP student (`student.hf_clip`): it reads the CLIP folder's own tokenizer by default, a tokenizer
-whose ids the CLIP text tower cannot pool is refused before any process group, and its export's tokenizers truncate
-where training did."""
+whose ids the CLIP text tower cannot pool is refused before any process group, and its checkpoints export and load
+after the CLIP folder is gone."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from evalruns import single_thread
+from shapes import make_shapes_mds
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
+import kclip
 from kclip.config import Config, ConfigError, load_config
 from kclip.config.preflight import check_hf_clip
 from kclip.config.validate import validate
 from kclip.dist import free_port
 from kclip.export.format import EXPORT_HF, EXPORT_TOKENIZER, preprocess_spec
-from kclip.export.load import LoadedModel, TextTokenizer, build_encoder
+from kclip.export.load import LoadedModel, TextTokenizer, build_encoder, load_model
 from kclip.export.save import export_model
+from kclip.export.save import main as export_main
 from kclip.models.knowledge_clip import KnowledgeCLIP
 from kclip.tokenizers import load_tokenizer, student_tokenizer
 
@@ -137,3 +142,35 @@ def test_export_tokenizers_truncate_at_the_runs_text_max_len(tmp_path):
         assert saved.model_max_length == 24
         assert len(saved(" ".join(["word"] * 100), truncation=True)["input_ids"]) == 24
     assert tokenizer.model_max_length != 24  # the run's (shared) tokenizer is left as it was
+
+
+def embeddings(model, tokenizer, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return model.encode_text(**tokenizer(TEXTS)), model.encode_image(pixels)
+
+
+def test_a_checkpoint_exports_and_loads_after_the_clip_folder_is_gone(tmp_path):
+    from kclip.train.loop import train
+
+    clip = tiny_clip(tmp_path / "clip")
+    data = make_shapes_mds(tmp_path / "shapes", n=24)
+    cfg = hf_config(clip, f"data.train={data}", "train.steps=2", "train.global_batch_size=8", "log.tensorboard=false",
+                    "data.num_workers=0", "dist.timeout_s=60")
+    validate(cfg, 1)
+    with single_thread():
+        train(cfg, tmp_path / "run")
+    pixels = torch.rand(2, 3, 32, 32)
+    trained = load_model(tmp_path / "run")
+    # The run's copy builds the same model as the CLIP folder did (given the trained weights).
+    original = build_encoder(trained.cfg, student_tokenizer(trained.cfg)).eval()
+    original.student.load_state_dict(trained.model.student.state_dict())
+    expected = embeddings(original, TextTokenizer(student_tokenizer(cfg), 32), pixels)
+    shutil.rmtree(clip)
+
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "export")]) == 0
+    exported = kclip.load(tmp_path / "export")
+    reloaded = load_model(tmp_path / "run")
+    for model, tokenizer in ((exported[0], exported[1]), (reloaded.model, reloaded.tokenizer)):
+        for got, want in zip(embeddings(model, tokenizer, pixels), expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert cosine(exported[0], exported[1].hf) < 0.99

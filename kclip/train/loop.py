@@ -29,6 +29,7 @@ from kclip.data.loader import build_loader
 from kclip.ds_config import load_template
 from kclip.eval.split import evaluate_split
 from kclip.models.knowledge_clip import KnowledgeCLIP
+from kclip.models.student import save_hf_clip_copy
 from kclip.models.token_init import init_token_embeddings
 from kclip.teacher.cache import open_cache
 from kclip.teacher.model import build_teacher
@@ -294,6 +295,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     if dist.is_main():
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        save_hf_clip_copy(cfg, run_dir)
     dist.barrier()
     tag_dir = checkpoint.resolve(run_dir, resume) if resume else None
     elastic = tag_dir is not None and checkpoint.saved_world_size(tag_dir) != world
