@@ -116,7 +116,7 @@ def run(args) -> dict:
     from kclip.concepts.bank import ConceptBank
     from kclip.models.knowledge_clip import KnowledgeCLIP
     from kclip.teacher.model import build_teacher
-    from kclip.tokenizers import load_tokenizer
+    from kclip.tokenizers import student_tokenizer
     from kclip.train.engine import build_optimizer, student_ds_config
     from kclip.train.task import KnowledgeCLIPTask
 
@@ -137,7 +137,7 @@ def run(args) -> dict:
     sync()
     teacher_load_s = time.perf_counter() - t0
     teacher_params = sum(p.numel() for p in teacher.module.parameters())
-    tokenizer = load_tokenizer(cfg.student.tokenizer)
+    tokenizer = student_tokenizer(cfg)
     model = KnowledgeCLIP(cfg, tokenizer, teacher.hidden_size)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=student_ds_config(cfg))
     student_flops, student_info = student_flops_per_sample(model, cfg)

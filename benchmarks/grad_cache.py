@@ -57,7 +57,7 @@ def measure(args) -> dict:
     from kclip.concepts.bank import ConceptBank
     from kclip.config import load_config
     from kclip.models.knowledge_clip import KnowledgeCLIP
-    from kclip.tokenizers import load_tokenizer
+    from kclip.tokenizers import student_tokenizer
     from kclip.train.engine import build_optimizer, seed_everything, student_ds_config
     from kclip.train.task import KnowledgeCLIPTask
 
@@ -71,7 +71,7 @@ def measure(args) -> dict:
         cfg = load_config(args.config, [*args.overrides, f"train.global_batch_size={args.batch}",
                                         f"train.micro_batch_size={micro}"])
         seed_everything(cfg.train.seed)  # the same initial weights for every variant
-        tok = load_tokenizer(cfg.student.tokenizer)
+        tok = student_tokenizer(cfg)
         model = KnowledgeCLIP(cfg, tok, args.teacher_dim)
         engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=student_ds_config(cfg))
         tasks[name] = KnowledgeCLIPTask(cfg, engine)

@@ -83,11 +83,11 @@ def student_shape() -> dict:
 
     from kclip.config import Config
     from kclip.models.knowledge_clip import KnowledgeCLIP
-    from kclip.tokenizers import load_tokenizer
+    from kclip.tokenizers import student_tokenizer
 
     cfg = Config()
     with torch.device("meta"):
-        model = KnowledgeCLIP(cfg, load_tokenizer(cfg.student.tokenizer), 4096)
+        model = KnowledgeCLIP(cfg, student_tokenizer(cfg), 4096)
     vit = model.student.visual
     return {"params": sum(p.numel() for p in model.parameters()), "visual": sum(p.numel() for p in vit.parameters()),
             "vit": {"width": vit.embed_dim, "heads": vit.blocks[0].attn.num_heads, "layers": len(vit.blocks)},

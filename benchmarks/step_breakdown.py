@@ -111,14 +111,14 @@ def student_phases(config: str, overrides: list[str], teacher_dim: int, iters: i
     from kclip.config import load_config
     from kclip.data.loader import build_loader
     from kclip.models.knowledge_clip import KnowledgeCLIP
-    from kclip.tokenizers import load_tokenizer
+    from kclip.tokenizers import student_tokenizer
     from kclip.train.engine import build_optimizer, seed_everything, student_ds_config
     from kclip.train.task import KnowledgeCLIPTask
 
     dist.init()
     cfgs = {"kclip": load_config(config, overrides), "plain": load_config(config, overrides + PLAIN)}
     cfg = cfgs["kclip"]
-    tokenizer = load_tokenizer(cfg.student.tokenizer)
+    tokenizer = student_tokenizer(cfg)
     batch = next(iter(build_loader(
         cfg.data.train, batch_size=cfg.train.global_batch_size, image_size=cfg.student.image_size, train=True,
         student_tokenizer=tokenizer, student_max_len=cfg.student.text_max_len, num_workers=0)))

@@ -92,13 +92,13 @@ def component_profile(model_dir: str, tsv: str, mds: str, config: str, iters: in
     from kclip import dist
     from kclip.config import load_config
     from kclip.models.knowledge_clip import KnowledgeCLIP
-    from kclip.tokenizers import load_tokenizer
+    from kclip.tokenizers import student_tokenizer
     from kclip.train.engine import build_optimizer, seed_everything, student_ds_config
     from kclip.train.task import KnowledgeCLIPTask
 
     dist.init()
     cfg = load_config(config, overrides + PLAIN)
-    tok = load_tokenizer(cfg.student.tokenizer)
+    tok = student_tokenizer(cfg)
     b, s, clip = cfg.train.global_batch_size, cfg.student, cfg.optim.grad_clip
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randn(b, 3, s.image_size, s.image_size, generator=gen)
@@ -249,10 +249,10 @@ def open_clip_model_dir(cfg, out: Path) -> Path:
     """A `local-dir:` open_clip model folder: open_clip_config.json + the byte tokenizer's files."""
     from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    from kclip.tokenizers import load_tokenizer
+    from kclip.tokenizers import student_tokenizer
 
     s = cfg.student
-    tokenizer = load_tokenizer(s.tokenizer)
+    tokenizer = student_tokenizer(cfg)
     folder = out / "open_clip_model"
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
@@ -346,7 +346,7 @@ def main() -> None:
 
     from kclip.config import load_config
     from kclip.models.knowledge_clip import KnowledgeCLIP
-    from kclip.tokenizers import load_tokenizer
+    from kclip.tokenizers import student_tokenizer
 
     info = machine()
     cfg = load_config(args.config, args.overrides + PLAIN)
@@ -369,7 +369,7 @@ def main() -> None:
         tower = tower_json(cfg)
 
         torch.manual_seed(0)
-        kclip_params = sum(p.numel() for p in KnowledgeCLIP(cfg, load_tokenizer(cfg.student.tokenizer), None).parameters())
+        kclip_params = sum(p.numel() for p in KnowledgeCLIP(cfg, student_tokenizer(cfg), None).parameters())
         counted = run_logged([args.open_clip_python, __file__, "--open-clip-worker", tower, "--count-params",
                               f"local-dir:{model_dir}"], work / "count.log", env, args.timeout)
         open_clip_params = json.loads((work / "count.log").read_text().strip().splitlines()[-1])["params"]

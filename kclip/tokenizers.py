@@ -32,9 +32,19 @@ def load_tokenizer(spec: str):
     return tok
 
 
+def student_tokenizer_spec(cfg) -> str:
+    """The `load_tokenizer` spec of a run's student tokenizer. `auto`: a Hugging Face CLIP student's own tokenizer
+    (its text tower pools each caption at its own end-of-text id, which only that tokenizer is sure to put there), else
+    `byte`. `teacher`: the teacher's own, loaded from its files, so it is available whether or not the run loads the
+    teacher model."""
+    st = cfg.student
+    if st.tokenizer == "auto":
+        return st.hf_clip or "byte"
+    if st.tokenizer == "teacher":
+        return cfg.teacher.path or RANDOM_TEACHER_TOKENIZER
+    return st.tokenizer
+
+
 def student_tokenizer(cfg):
-    """The tokenizer a run's student reads (`student.tokenizer=teacher`: the teacher's own, loaded from its files, so
-    it is available whether or not the run loads the teacher model)."""
-    if cfg.student.tokenizer == "teacher":
-        return load_tokenizer(cfg.teacher.path or RANDOM_TEACHER_TOKENIZER)
-    return load_tokenizer(cfg.student.tokenizer)
+    """The tokenizer a run's student reads (see student_tokenizer_spec)."""
+    return load_tokenizer(student_tokenizer_spec(cfg))

@@ -8,10 +8,15 @@ import os
 import tempfile
 from pathlib import Path
 
-from kclip.config.schema import ConfigError, TeacherConfig, check_section
+from kclip.config.schema import Config, ConfigError, TeacherConfig, check_section
+from kclip.tokenizers import load_tokenizer, student_tokenizer_spec
 
 # The files a model folder keeps its weights in; a .gguf teacher is one file holding weights and tokenizer.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# A folder holds a Hugging Face tokenizer when it has one of these (without, transformers fails with a TypeError).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+# Captions the pooling check tokenizes: a short one, and one that truncation must cut at student.text_max_len.
+POOLING_PROBES = ("a dog on the grass", "apple pie " * 200)
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
@@ -90,3 +95,57 @@ def check_teacher(cfg: TeacherConfig) -> None:
         raise ConfigError("teacher.path: set exactly one of teacher.path and teacher.random_config")
     if cfg.path:
         check_teacher_path(cfg.path)
+
+
+def load_student_tokenizer(cfg: Config):
+    """The run's student tokenizer, or ConfigError naming student.tokenizer when it cannot be loaded."""
+    spec = student_tokenizer_spec(cfg)
+    if os.path.isdir(spec) and not any((Path(spec) / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"student.tokenizer: {cfg.student.tokenizer!r} reads {spec}, which holds no tokenizer "
+                          f"({' / '.join(TOKENIZER_FILES)}); save the model's tokenizer there or name one")
+    try:
+        return load_tokenizer(spec)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"student.tokenizer: cannot load {spec} ({' '.join(str(e).split())})") from e
+
+
+def check_pooling(tokenizer, spec: str, text_config, max_len: int) -> None:
+    """A tokenizer whose ids a Hugging Face CLIP text tower can embed and pool. The tower embeds a caption as the
+    hidden state at its end-of-text token: the first position holding `eos_token_id`, or, in configs written before
+    that field was fixed (eos_token_id == 2, as transformers tells them apart), the position of the largest id, which
+    is end-of-text in CLIP's own vocabulary. A caption that does not end with that token is pooled elsewhere: with
+    byte ids at position 0, so "a dog" and "apple pie" (same first byte) embed identically and nothing is learned."""
+    if len(tokenizer) > text_config.vocab_size:
+        raise ConfigError(f"student.tokenizer: {spec} has {len(tokenizer)} token ids but student.hf_clip embeds only "
+                          f"{text_config.vocab_size}")
+    legacy = text_config.eos_token_id == 2
+    pooled = len(tokenizer) - 1 if legacy else text_config.eos_token_id
+    where = (f"the caption's largest id (a config with eos_token_id 2), which must be this tokenizer's last id, "
+             f"{pooled}") if legacy else f"eos_token_id {pooled}"
+    for ids in tokenizer(list(POOLING_PROBES), truncation=True, max_length=max_len)["input_ids"]:
+        if ids[-1] != pooled:
+            raise ConfigError(f"student.tokenizer: {spec} ends a caption with id {ids[-1]}, but student.hf_clip pools "
+                              f"the text at {where}, so captions would embed from the wrong token; use the CLIP "
+                              f"folder's own tokenizer (student.tokenizer=auto)")
+
+
+def check_hf_clip(cfg: Config) -> None:
+    """A student.hf_clip folder that can be fine-tuned, read at student.text_max_len tokens by a tokenizer it can
+    pool."""
+    from transformers import CLIPConfig
+
+    st = cfg.student
+    if not os.path.isdir(st.hf_clip):
+        raise ConfigError(f"student.hf_clip: no such folder {st.hf_clip}")
+    if not (Path(st.hf_clip) / "config.json").is_file():
+        raise ConfigError(f"student.hf_clip: {st.hf_clip} has no config.json (expected a Hugging Face CLIPModel folder)")
+    model_type = json.loads((Path(st.hf_clip) / "config.json").read_text()).get("model_type")
+    if model_type != "clip":
+        raise ConfigError(f"student.hf_clip: {st.hf_clip} holds a {model_type!r} model, not a CLIPModel")
+    if not weight_files(st.hf_clip):
+        raise ConfigError(f"student.hf_clip: {st.hf_clip} holds no weights (*.safetensors or *.bin)")
+    text_config = CLIPConfig.from_pretrained(st.hf_clip).text_config
+    if st.text_max_len > text_config.max_position_embeddings:
+        raise ConfigError(f"student.text_max_len: {st.text_max_len} exceeds student.hf_clip's "
+                          f"{text_config.max_position_embeddings} text positions")
+    check_pooling(load_student_tokenizer(cfg), student_tokenizer_spec(cfg), text_config, st.text_max_len)

@@ -84,7 +84,9 @@ class StudentConfig:
     image_model_kwargs: dict = field(default_factory=dict)  # e.g. depth/embed_dim for tiny test towers
     pretrained_image: bool = False
     image_size: int = num(224, AT_LEAST_1)
-    tokenizer: str = "byte"  # "byte" (file-free byte-level), "teacher", an HF folder, or a .gguf file
+    # "auto" (hf_clip's own tokenizer with hf_clip, else "byte"), "byte" (file-free byte-level), "teacher", an HF
+    # folder, or a .gguf file
+    tokenizer: str = "auto"
     # random | teacher: token embeddings from the teacher's input embeddings, PCA-reduced to text_width (needs
     # tokenizer=teacher), so words absent from the training captions still start from what the teacher knows of them
     token_init: str = one_of("random", ("random", "teacher"))

@@ -4,11 +4,9 @@ the section (kclip/config/schema.py) and run first; what is here combines sectio
 (kclip/config/preflight.py) or the device."""
 from __future__ import annotations
 
-import os
-
 import torch
 
-from kclip.config.preflight import check_mds, check_teacher
+from kclip.config.preflight import check_hf_clip, check_mds, check_teacher
 from kclip.config.schema import Config, ConfigError
 
 
@@ -46,8 +44,8 @@ def validate(cfg: Config, world_size: int, *, cuda: bool | None = None) -> None:
     if st.freeze_token_embeddings and st.token_init != "teacher":
         raise ConfigError("student.freeze_token_embeddings: only with student.token_init=teacher (frozen random "
                           "embeddings would never learn anything)")
-    if st.hf_clip and not os.path.isdir(st.hf_clip):
-        raise ConfigError(f"student.hf_clip: no such folder {st.hf_clip}")
+    if st.hf_clip:
+        check_hf_clip(cfg)
     n_train = check_mds("data.train", cfg.data.train, required=True)
     check_mds("data.val", cfg.data.val, required=False)
     if n_train < t.global_batch_size:

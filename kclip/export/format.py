@@ -7,6 +7,7 @@ OUT/
                       (CLIPModel.from_pretrained(OUT/hf) works; logit_scale is 0-dim again and clamped to the
                       training maximum, since Hugging Face's forward does not clamp it)
   tokenizer/          the student tokenizer (save_pretrained; kclip.tokenizers.load_tokenizer reads it)
+                      (here and in hf/, model_max_length is the run's student.text_max_len)
   preprocess.json     image preprocessing: size, shorter-side bicubic resize, center crop, mean/std
 
 Written by `kclip export` (save.py), read by `kclip.load(OUT)` -> (model, tokenizer, preprocess) (load.py).

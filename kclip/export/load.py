@@ -7,8 +7,9 @@
 - exported folder (`kclip export`, has kclip_model.yaml): see kclip/export/format.py for its layout.
 
 Only the student towers are built (no distillation/concept heads): encode_image/encode_text give L2-normalised
-embeddings exactly as in training. A checkpoint of a Hugging Face CLIP student also needs `student.hf_clip` (the
-folder it was fine-tuned from) for the architecture; its weights come from the checkpoint.
+embeddings exactly as in training. A checkpoint of a Hugging Face CLIP student takes its architecture and tokenizer
+from its run's copy (`RUN/hf_clip/`, written when training starts) and its weights from the checkpoint; runs from
+before that copy need the `student.hf_clip` folder they were fine-tuned from.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from kclip.export.format import (
     preprocess_spec,
 )
 from kclip.models.knowledge_clip import KnowledgeCLIP
+from kclip.models.student import RUN_HF_CLIP
 from kclip.tokenizers import load_tokenizer, student_tokenizer
 from kclip.train import checkpoint
 
@@ -117,8 +119,10 @@ def load_checkpoint_model(tag_dir: Path, device) -> LoadedModel:
     if "config" not in client:
         raise ModelLoadError(f"{tag_dir}: checkpoint has no kclip config in its client state")
     cfg = from_dict(client["config"])
-    tokenizer = student_tokenizer(cfg)
-    model = build_encoder(cfg, tokenizer)
+    run_copy = tag_dir.absolute().parent.parent / RUN_HF_CLIP
+    hf_clip = str(run_copy) if cfg.student.hf_clip and run_copy.is_dir() else None
+    tokenizer = load_tokenizer(hf_clip) if hf_clip else student_tokenizer(cfg)
+    model = build_encoder(cfg, tokenizer, hf_clip=hf_clip)
     model.student.load_state_dict(student_weights(tag_dir, client["module"]))
     return LoadedModel(model.to(device).eval(), TextTokenizer(tokenizer, cfg.student.text_max_len), cfg,
                        source=str(tag_dir), preprocess=preprocess_spec(cfg.student.image_size),

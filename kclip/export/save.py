@@ -4,6 +4,7 @@ never half-written."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -25,6 +26,15 @@ from kclip.export.format import (
 from kclip.export.load import LoadedModel, load_model
 from kclip.models.student import HFCLIPStudent
 from kclip.train.checkpoint import CheckpointError
+
+
+def truncating_at(tokenizer, max_len: int):
+    """A copy of `tokenizer` whose saved `model_max_length` is the run's student.text_max_len: what a Hugging Face
+    user's `truncation=True` then cuts at is what the student was trained on (a CLIP folder's own says 77). A copy,
+    because the run's tokenizer object is shared (load_tokenizer caches it)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.model_max_length = max_len
+    return tokenizer
 
 
 def write_hf(student: HFCLIPStudent, max_log_scale: float, tokenizer, preprocess: dict, out: Path) -> None:
@@ -51,13 +61,14 @@ def export_model(loaded: LoadedModel, out: str | Path) -> Path:
     tmp.mkdir(parents=True)
     student = loaded.model.student
     kind = "hf_clip" if isinstance(student, HFCLIPStudent) else "dual_encoder"
+    tokenizer = truncating_at(loaded.tokenizer.hf, loaded.cfg.student.text_max_len)
     if kind == "hf_clip":
-        write_hf(student, loaded.cfg.student.max_logit_scale, loaded.tokenizer.hf, loaded.preprocess, tmp / EXPORT_HF)
+        write_hf(student, loaded.cfg.student.max_logit_scale, tokenizer, loaded.preprocess, tmp / EXPORT_HF)
     else:
         from safetensors.torch import save_file
 
         save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(tmp / EXPORT_WEIGHTS))
-    loaded.tokenizer.hf.save_pretrained(tmp / EXPORT_TOKENIZER)
+    tokenizer.save_pretrained(tmp / EXPORT_TOKENIZER)
     (tmp / EXPORT_PREPROCESS).write_text(json.dumps(loaded.preprocess, indent=1))
     spec = {"format": FORMAT_VERSION, "student": kind, "source": loaded.source, "step": loaded.step,
             "config": to_dict(loaded.cfg)}

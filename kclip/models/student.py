@@ -8,13 +8,21 @@ Two flavours share one interface (`encode_image`, `encode_text`, `logit_scale`):
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import timm
 import torch
 import torch.nn as nn
-from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
-from kclip.config import StudentConfig
+from kclip.config import Config, StudentConfig
+from kclip.config.preflight import weight_files
+from kclip.tokenizers import student_tokenizer
+
+# A run folder's copy of its Hugging Face CLIP student's config and tokenizer, without weights (the checkpoints hold
+# those): the run's checkpoints load, evaluate and export after the student.hf_clip folder has moved or gone.
+RUN_HF_CLIP = "hf_clip"
 
 
 def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -77,7 +85,8 @@ class HFCLIPStudent(nn.Module):
         super().__init__()
         if not os.path.isdir(path):
             raise FileNotFoundError(f"student.hf_clip: no such folder {path}")
-        self.clip = CLIPModel.from_pretrained(path)
+        # A folder without weights is a run's RUN_HF_CLIP copy: the architecture, whose weights the checkpoint brings.
+        self.clip = CLIPModel.from_pretrained(path) if weight_files(path) else CLIPModel(CLIPConfig.from_pretrained(path))
         self.clip.logit_scale = nn.Parameter(self.clip.logit_scale.detach().reshape(1))
 
     @property
@@ -102,6 +111,20 @@ def build_student(cfg: StudentConfig, tokenizer) -> nn.Module:
     if cfg.hf_clip:
         return HFCLIPStudent(cfg.hf_clip)
     return DualEncoder(cfg, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+
+
+def save_hf_clip_copy(cfg: Config, run_dir: Path) -> None:
+    """Write RUN/hf_clip/ (RUN_HF_CLIP) for a Hugging Face CLIP student; nothing for the other students, which their
+    run's config alone describes. Rank 0, before training."""
+    if not cfg.student.hf_clip:
+        return
+    out = run_dir / RUN_HF_CLIP
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    CLIPConfig.from_pretrained(cfg.student.hf_clip).save_pretrained(tmp)
+    student_tokenizer(cfg).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 def embed_dim(student: nn.Module) -> int:
