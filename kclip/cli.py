@@ -18,6 +18,15 @@ def fail(message: str, code: int) -> int:
     return code
 
 
+def one_line(error: BaseException) -> str:
+    """The error's message. One raised in a DataLoader worker reaches the main process re-created with the worker's
+    traceback as its text: its last line, without the exception's type, is the message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def call_collective(fn, *args, known_errors: tuple[type[Exception], ...] = (), **kwargs) -> tuple[object, int]:
     """(fn(...), 0); or (None, 1) after printing one line when fn raises a known error or a collective fails
     because a rank died. Anything else propagates with its traceback."""
@@ -26,7 +35,7 @@ def call_collective(fn, *args, known_errors: tuple[type[Exception], ...] = (), *
     try:
         return fn(*args, **kwargs), 0
     except (*known_errors, dist.RendezvousError) as e:
-        return None, fail(str(e), 1)
+        return None, fail(one_line(e), 1)
     except Exception as e:
         lost = dist.describe_failure(e)
         if lost is None:
@@ -79,6 +88,7 @@ def train_main(argv: list[str]) -> int:
     except (ConfigError, RunFolderError) as e:
         return fail(str(e), 2)
 
+    from kclip.data.loader import DataError
     from kclip.teacher.cache import TeacherCacheError
     from kclip.train.checkpoint import CheckpointError
     from kclip.train.loop import train
@@ -88,7 +98,7 @@ def train_main(argv: list[str]) -> int:
         result, code = call_collective(train, cfg, args.output, resume=resume,
                                        allow_config_change=args.allow_config_change, overwrite=args.overwrite,
                                        known_errors=(TrainingError, CheckpointError, ConfigError, TeacherCacheError,
-                                                     RunFolderError))
+                                                     RunFolderError, DataError))
     except KeyboardInterrupt:
         return fail("aborted by a second interrupt, without a checkpoint; continue from the last one with "
                     "--resume latest", 130)

@@ -191,3 +191,25 @@ def test_truncation_is_flagged_exactly_at_the_limit():
     ids, mask, truncated = tokenize(load_tokenizer("byte"), ["abcde", "abcdefg", "abcdefgh", "abcdefghijklmnop"], 8)
     assert mask.sum(1).tolist() == [6, 8, 8, 8] and ids.shape == (4, 8)
     assert truncated.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_shard_deleted_mid_run_is_named_in_one_line(tmp_path, restore_env, workers):
+    """streaming says only "In the absence of local dataset, path to remote dataset must be provided"."""
+    from kclip.cli import one_line
+    from kclip.data.loader import DataError
+
+    folder = write_dataset(tmp_path / "d", 80)
+    shards = sorted(p for p in os.listdir(folder) if p.startswith("shard.") and p.endswith(".zstd"))
+    assert len(shards) >= 2
+    batches = iter(loader(folder, num_workers=workers))
+    next(batches)
+    for name in os.listdir(folder):  # every shard but the first, compressed and decompressed
+        if name.startswith("shard.") and not name.startswith(shards[0].split(".mds")[0] + "."):
+            os.remove(os.path.join(folder, name))
+    with pytest.raises(DataError) as caught:
+        for _ in batches:
+            pass
+    message = one_line(caught.value)  # from a worker, the text carries the worker's traceback
+    assert "\n" not in message and message.startswith("data: shard shard.") and f"of {folder} is gone" in message
+    assert message.split()[2].removesuffix(".mds.zstd") != shards[0].removesuffix(".mds.zstd")

@@ -118,7 +118,7 @@ class CaptionImageDataset(StreamingDataset):
         """
         for offset in range(MAX_REPLACEMENTS):
             index = int(sample_id + offset) % self.num_samples
-            record = super().get_item(index, retry)
+            record = read_record(self, index, retry)
             try:
                 image = decode_rgb(record["image"])
             except Exception as e:  # noqa: BLE001 - PIL signals bad bytes with many exception types
@@ -140,6 +140,39 @@ class CaptionImageDataset(StreamingDataset):
         raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive records from index {sample_id} do not decode")
 
 
+class DataError(RuntimeError):
+    """The dataset changed under a running job: a shard it listed at the start is gone."""
+
+
+def _missing_shard(dataset: StreamingDataset, shard_id: int) -> str | None:
+    """The name of shard `shard_id` when neither its .mds nor its .mds.zstd is on disk any more."""
+    shard = dataset.shards[shard_id]
+    names = [part.basename for part in (shard.raw_data, shard.zip_data) if part is not None]
+    folder = dataset.streams[0].local
+    return None if any(os.path.exists(os.path.join(folder, name)) for name in names) else names[-1]
+
+
+def read_record(dataset: StreamingDataset, index: int, retry: int) -> dict:
+    """Record `index` of `dataset`, after checking that its shard is still on disk (one stat when it is: streaming
+    stats the same file itself). A shard deleted mid-run is then one line naming it. Unchecked, the read ends in
+    streaming's "In the absence of local dataset, path to remote dataset must be provided", or "Background thread
+    failed" when its prefetch thread met the shard first, or waits forever for the shard that thread left marked as
+    being prepared."""
+    missing = _missing_shard(dataset, dataset.spanner[index][0])
+    background_failed = getattr(dataset, "_event", None) is not None and dataset._event.is_set()
+    if missing is None and background_failed:
+        missing = next(filter(None, (_missing_shard(dataset, s) for s in range(len(dataset.shards)))), None)
+    if missing is not None:
+        if hasattr(dataset, "_event"):
+            # Stop streaming's background threads, as streaming does when a read fails, and wait for them: a prefetch
+            # still retrying the shard would otherwise raise in the middle of whatever runs next.
+            dataset._event.set()
+            dataset._executor.shutdown(wait=True)
+        raise DataError(f"data: shard {missing} of {dataset.streams[0].local} is gone (deleted during the run?): "
+                        "restore it, then continue with --resume latest")
+    return StreamingDataset.get_item(dataset, index, retry)
+
+
 class CaptionDataset(StreamingDataset):
     """MDS records -> {caption, index} only: for passes that need the text alone (no image is decoded)."""
 
@@ -147,7 +180,7 @@ class CaptionDataset(StreamingDataset):
         super().__init__(local=data_dir, remote=None, batch_size=batch_size, shuffle=False, shuffle_algo=SHUFFLE_ALGO)
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict:
-        return {"caption": super().get_item(sample_id, retry)["caption"], "index": int(sample_id)}
+        return {"caption": read_record(self, sample_id, retry)["caption"], "index": int(sample_id)}
 
 
 def _resolve(tokenizer):

@@ -58,6 +58,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from kclip.cli import call_collective, fail, load_run_config
+    from kclip.data.loader import DataError
     from kclip.teacher.cache import TeacherCacheError
 
     try:
@@ -68,7 +69,7 @@ def main(argv: list[str]) -> int:
             raise ConfigError("teacher-cache: teacher.cache is false, so training would not read the cache")
     except ConfigError as e:
         return fail(str(e), 2)
-    result, code = call_collective(precompute, cfg, args.output, known_errors=(TeacherCacheError,))
+    result, code = call_collective(precompute, cfg, args.output, known_errors=(TeacherCacheError, DataError))
     if code:
         return code
     if dist.is_main():
