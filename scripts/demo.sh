@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check -e .
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kclip/torch_extensions}
-[ -f data/demo/train/index.json ] || python -m kclip.cli prepare demo --out data/demo
+# val/stats.json is written last, also by older kclip versions that wrote data/demo in place
+[ -f data/demo/val/stats.json ] || python -m kclip.cli prepare demo --out data/demo
 python -m kclip.cli fetch-teacher --out teachers
 RUN=${RUN:-runs/demo}
 python -m kclip.cli train --config demo --output "$RUN" "$@"

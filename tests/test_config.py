@@ -16,11 +16,13 @@ from kclip.config.validate import validate
 
 @pytest.fixture(scope="module")
 def mds(tmp_path_factory) -> Path:
-    """What validate() reads of a dataset: index.json and the shard files' existence (no data is opened)."""
+    """What validate() reads of a dataset: index.json, the count in stats.json that marks a conversion as complete,
+    and the shard files' existence (no data is opened)."""
     folder = tmp_path_factory.mktemp("mds")
     (folder / "shard.00000.mds").write_bytes(b"")
     shard = {"samples": 64, "raw_data": {"basename": "shard.00000.mds"}}
     (folder / "index.json").write_text(json.dumps({"shards": [shard]}))
+    (folder / "stats.json").write_text(json.dumps({"written": 64}))
     return folder
 
 

@@ -119,11 +119,16 @@ def test_missing_shard_fails_before_training(shapes, tmp_path):
 
 
 def _write_mds(folder: Path, records: list[dict]) -> Path:
+    """An MDS folder as `kclip prepare` writes it (stats.json marks it complete), but holding records prepare would
+    skip."""
     from streaming import MDSWriter
+
+    from kclip.data.prepare import write_stats
 
     with MDSWriter(out=str(folder), columns={"id": "str", "image": "bytes", "caption": "str"}, compression="zstd") as w:
         for record in records:
             w.write(record)
+    write_stats(str(folder), {"written": len(records)})
     return folder
 
 

@@ -33,23 +33,67 @@ def mds_num_samples(folder: str | os.PathLike) -> int:
     return sum(s["samples"] for s in shards)
 
 
+def _read_json(key: str, path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: truncated or garbage JSON, bytes that are not UTF-8
+        raise ConfigError(f"{key}: {path} is unreadable ({type(e).__name__}: {e}); rebuild the dataset with "
+                          "`kclip prepare`") from None
+
+
+def _index_shards(key: str, folder: Path) -> list[tuple[str, str | None, int]]:
+    """(basename, compressed basename or None, samples) per shard of the folder's index.json."""
+    path = folder / "index.json"
+    index = _read_json(key, path)
+    try:
+        return [(s["raw_data"]["basename"], (s.get("zip_data") or {}).get("basename"), int(s["samples"]))
+                for s in index["shards"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # JSON, but not a list of MDS shard entries
+        raise ConfigError(f"{key}: {path} is not an MDS index (no valid shard list: {type(e).__name__}: {e}); "
+                          "rebuild the dataset with `kclip prepare`") from None
+
+
+def _written(key: str, folder: Path) -> int:
+    """The sample count `kclip prepare` recorded in stats.json, which it writes only once every shard and the index
+    are complete: an interrupted conversion leaves an index.json that lists only the shards it got to."""
+    path = folder / "stats.json"
+    if not path.is_file():
+        raise ConfigError(f"{key}: {folder} is incomplete: no stats.json, which `kclip prepare` writes last (an "
+                          "interrupted conversion?); re-run `kclip prepare` into an empty folder")
+    stats = _read_json(key, path)
+    written = stats.get("written") if isinstance(stats, dict) else None
+    if type(written) is not int:
+        raise ConfigError(f"{key}: {path} has no sample count (`written`); re-run `kclip prepare` into an empty folder")
+    return written
+
+
 def check_mds(key: str, folder: str | None, required: bool) -> int | None:
-    """The sample count of the MDS dataset `folder`; ConfigError naming `key` when it is not one, or is incomplete."""
+    """The sample count of the MDS dataset `folder`; ConfigError naming `key` when it is not one, is incomplete or
+    holds no samples."""
     if folder is None:
         if required:
             raise ConfigError(f"{key}: required (an MDS folder written by `kclip prepare`)")
         return None
-    if not (Path(folder) / "index.json").is_file():
+    root = Path(folder)
+    if not (root / "index.json").is_file():
         raise ConfigError(f"{key}: {folder} is not an MDS dataset (no index.json); build it with `kclip prepare`")
-    index = json.loads((Path(folder) / "index.json").read_text())
-    missing = [s["raw_data"]["basename"] for s in index["shards"] if not (Path(folder) / s["raw_data"]["basename"]).exists()
-               and not (s.get("zip_data") and (Path(folder) / s["zip_data"]["basename"]).exists())]
+    shards = _index_shards(key, root)
+    samples = sum(n for *_, n in shards)
+    written = _written(key, root)
+    if samples != written:
+        raise ConfigError(f"{key}: {folder} is incomplete: index.json lists {samples} samples, stats.json says "
+                          f"`kclip prepare` wrote {written}; re-run `kclip prepare` into an empty folder")
+    if not samples:
+        raise ConfigError(f"{key}: {folder} holds no samples (`kclip prepare` skipped every record: see its "
+                          "rejects.jsonl)")
+    absent = [(raw, zipped) for raw, zipped, _ in shards if not (root / raw).exists()]
+    missing = [raw for raw, zipped in absent if not (zipped and (root / zipped).exists())]
     if missing:
         raise ConfigError(f"{key}: {len(missing)} shard(s) listed in index.json are missing, e.g. {missing[0]}")
-    if any(not (Path(folder) / s["raw_data"]["basename"]).exists() for s in index["shards"]):
+    if absent:
         # streaming decompresses .zstd shards next to them on first read, mid-epoch, on every rank
-        check_writable(key, Path(folder), why="holds compressed shards that streaming decompresses next to them")
-    return mds_num_samples(folder)
+        check_writable(key, root, why="holds compressed shards that streaming decompresses next to them")
+    return samples
 
 
 def check_writable(key: str, folder: Path, why: str = "") -> None:

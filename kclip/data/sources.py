@@ -1,6 +1,7 @@
 """Input formats turned into `Candidate` records, in a deterministic order.
 
-- CSV/TSV: one row per record; image paths relative to the CSV's folder (open_clip's `filepath`/`title` layout).
+- CSV/TSV: one row per record; image paths relative to the CSV's folder (open_clip's `filepath`/`title` layout). A
+  row the csv module cannot read (a field over CSV_FIELD_LIMIT) is one "unreadable_row" reject; reading goes on.
 - folder: `x.jpg|png|...` with a `x.txt` caption sidecar and optional `x.json` metadata, walked in sorted path order.
 - tar: webdataset shards as img2dataset writes them (`key.jpg` + `key.txt` + `key.json`), in the order given.
 
@@ -20,7 +21,11 @@ from collections.abc import Iterator
 
 from kclip.data.prepare import Candidate
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
+# Characters per CSV field. The csv module's default, 131,072, made one long caption abort the whole conversion. Far
+# beyond any caption, the limit still bounds what one broken row (an unclosed quote swallowing the lines after it)
+# reads into memory.
+CSV_FIELD_LIMIT = 1 << 24
 
 
 def _labels_from_json(raw: bytes | None, label_cols: tuple[str, ...]) -> tuple[tuple[str, ...], str | None, str]:
@@ -41,6 +46,13 @@ def _labels_from_json(raw: bytes | None, label_cols: tuple[str, ...]) -> tuple[t
     return tuple(str(meta[c]) for c in label_cols), None, ""
 
 
+def _open_csv(src: str):
+    """The CSV file as text, under CSV_FIELD_LIMIT (the csv module's limit is global: set it at every read).
+    surrogateescape: a row with invalid UTF-8 becomes one "non_utf8_caption" reject instead of failing the file."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    return open(src, newline="", encoding="utf-8-sig", errors="surrogateescape")
+
+
 def _delimiter(sep: str, header: str) -> str:
     if sep != "auto":
         return {"\\t": "\t", "tab": "\t"}.get(sep, sep)
@@ -56,8 +68,7 @@ def csv_candidates(
     sep: str = "auto",
 ) -> Iterator[Candidate]:
     """Checks the header now (a wrong column name fails before any output exists), then yields rows lazily."""
-    # surrogateescape: a row with invalid UTF-8 becomes one "non_utf8_caption" reject instead of failing the file.
-    with open(src, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+    with _open_csv(src) as f:
         delimiter = _delimiter(sep, f.readline())
         f.seek(0)
         fields = next(csv.reader(f, delimiter=delimiter), [])
@@ -72,9 +83,19 @@ def _csv_rows(
 ) -> Iterator[Candidate]:
     root = os.path.dirname(os.path.abspath(src))
     name = os.path.basename(src)
-    with open(src, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+    with _open_csv(src) as f:
         reader = csv.DictReader(f, delimiter=delimiter)
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                # The reader has dropped the rest of the record and goes on with the next line. line_num still counts
+                # the lines before this record, so the record starts one line further.
+                source = f"{name}:{reader.line_num + 1}"
+                yield Candidate(source, source, None, None, problem="unreadable_row", detail=f"csv.Error: {e}")
+                continue
             path = row[image_col]
             source = f"{name}:{reader.line_num}"
             labels = tuple(row[c] for c in label_cols)
