@@ -109,10 +109,41 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
+def teacher_cache_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kclip teacher-cache",
+                                     description="Embed every training caption with the teacher once, into the "
+                                     "cache `kclip train` reads.")
+    parser.add_argument("--config", required=True, help="the config `kclip train` will use (named or a YAML file)")
+    parser.add_argument("--output", required=True, help="the run folder `kclip train` will use (the cache goes to "
+                        "RUN/teacher_cache unless teacher.cache_dir is set)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, as for kclip train")
+    args = parser.parse_args(argv)
+
+    from kclip import dist
+    from kclip.data.loader import DataError
+    from kclip.teacher.cache import TeacherCacheError
+    from kclip.teacher.precompute import precompute
+
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        if not cfg.needs_teacher:
+            raise ConfigError("teacher-cache: this config uses no teacher (loss.distill_weight and loss.concept_weight are 0)")
+        if not cfg.teacher.cache:
+            raise ConfigError("teacher-cache: teacher.cache is false, so training would not read the cache")
+    except ConfigError as e:
+        return fail(str(e), 2)
+    result, code = call_collective(precompute, cfg, args.output, known_errors=(TeacherCacheError, DataError))
+    if code:
+        return code
+    if dist.is_main():
+        print(json.dumps(result, indent=1))
+    return 0
+
+
 COMMANDS = {
     "prepare": "kclip.data.cli:prepare_main",
     "fetch-teacher": "kclip.teacher.fetch:main",
-    "teacher-cache": "kclip.teacher.precompute:main",
+    "teacher-cache": "kclip.cli:teacher_cache_main",
     "train": "kclip.cli:train_main",
     "launch": "kclip.launch:main",
     "eval": "kclip.eval.run:main",

@@ -1,4 +1,4 @@
-"""`kclip teacher-cache`: embed every training caption with the teacher once, before training, into the teacher cache.
+"""Embed every training caption with the teacher once, before training, into the teacher cache (`kclip teacher-cache`).
 
 Training fills the cache as it goes, so its first epoch pays for the teacher on every step and its later epochs miss
 the samples the first one never drew (`drop_last`). This pass runs the same teacher with the same ZeRO-3 sharding and
@@ -7,8 +7,6 @@ every step a cache hit. It skips rows already cached, so an interrupted pass res
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from kclip import dist
-from kclip.config import Config, ConfigError
+from kclip.config import Config
 
 
 def precompute(cfg: Config, run_dir: str | Path) -> dict:
@@ -47,31 +45,3 @@ def precompute(cfg: Config, run_dir: str | Path) -> dict:
               "seconds": round(time.perf_counter() - start, 1)}
     cache.close()
     return result
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kclip teacher-cache", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="the config `kclip train` will use (named or a YAML file)")
-    parser.add_argument("--output", required=True, help="the run folder `kclip train` will use (the cache goes to "
-                        "RUN/teacher_cache unless teacher.cache_dir is set)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, as for kclip train")
-    args = parser.parse_args(argv)
-
-    from kclip.cli import call_collective, fail, load_run_config
-    from kclip.data.loader import DataError
-    from kclip.teacher.cache import TeacherCacheError
-
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-        if not cfg.needs_teacher:
-            raise ConfigError("teacher-cache: this config uses no teacher (loss.distill_weight and loss.concept_weight are 0)")
-        if not cfg.teacher.cache:
-            raise ConfigError("teacher-cache: teacher.cache is false, so training would not read the cache")
-    except ConfigError as e:
-        return fail(str(e), 2)
-    result, code = call_collective(precompute, cfg, args.output, known_errors=(TeacherCacheError, DataError))
-    if code:
-        return code
-    if dist.is_main():
-        print(json.dumps(result, indent=1))
-    return 0
