@@ -1,5 +1,5 @@
-"""`kclip` command line: prepare data, fetch the demo teacher, precompute teacher embeddings, train, evaluate, export,
-embed, report."""
+"""`kclip` command line: prepare data, fetch the demo teacher, precompute teacher embeddings, train (and launch it with
+stop signals passed to the ranks), evaluate, export, embed, report."""
 from __future__ import annotations
 
 import argparse
