@@ -90,7 +90,7 @@ def test_pca_reduce_errors():
 ])
 def test_invalid_token_init_configs(overrides, key, tmp_path):
     gguf = tmp_path / "t.gguf"
-    gguf.touch()  # validation only looks at the path
+    gguf.write_bytes(b"GGUF" + bytes(60))  # validation reads only the magic
     cfg = load_config("smoke", [o.replace("TEACHER", str(gguf)) for o in overrides])
     with pytest.raises(ConfigError) as e:
         validate(cfg, world_size=1, cuda=False)
@@ -99,7 +99,7 @@ def test_invalid_token_init_configs(overrides, key, tmp_path):
 
 def test_valid_token_init_config(shapes, tmp_path):  # noqa: F811 - shapes is the imported fixture
     gguf = tmp_path / "t.gguf"
-    gguf.touch()
+    gguf.write_bytes(b"GGUF" + bytes(60))
     validate(load_config("smoke", [f"data.train={shapes}", "teacher.random_config=null", f"teacher.path={gguf}",
                                    "student.tokenizer=teacher", "student.token_init=teacher",
                                    "student.freeze_token_embeddings=true"]), world_size=1, cuda=False)
