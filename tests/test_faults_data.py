@@ -305,7 +305,8 @@ def test_pillows_own_decompression_bomb_error_is_counted(tmp_path):
     assert rejects_of(tmp_path / "mds")[0]["detail"].startswith("Image size (200000000 pixels) exceeds limit")
 
 
-def test_max_pixels_must_be_positive(tmp_path, capsys):
+@pytest.mark.parametrize("option", ["--max-pixels", "--shard-mb", "--workers"])
+def test_size_options_must_be_positive(tmp_path, capsys, option):
     with pytest.raises(SystemExit) as info:
-        prepare_main(["folder", "--src", str(tmp_path), "--out", str(tmp_path / "mds"), "--max-pixels", "0"])
-    assert info.value.code == 2 and "--max-pixels: must be >= 1, got 0" in capsys.readouterr().err
+        prepare_main(["folder", "--src", str(tmp_path), "--out", str(tmp_path / "mds"), option, "0"])
+    assert info.value.code == 2 and f"{option}: must be >= 1, got 0" in capsys.readouterr().err

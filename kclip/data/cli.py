@@ -29,10 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     def common(sp, labels: bool = True):
         sp.add_argument("--out", required=True, help="output folder (must be empty or absent)")
         sp.add_argument("--tokenizer", default="byte", help="tokenizer for the caption length stats: byte | PATH")
-        sp.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode-check processes")
+        sp.add_argument("--workers", type=_positive_int, default=min(8, os.cpu_count() or 1), help="decode-check processes")
         if labels:
             sp.add_argument("--label-cols", type=_label_cols, default=(), help="comma-separated label columns/keys")
-            sp.add_argument("--shard-mb", type=int, default=64, help="uncompressed shard size limit in MB")
+            sp.add_argument("--shard-mb", type=_positive_int, default=64, help="uncompressed shard size limit in MB")
             sp.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                             help="skip images with more pixels (width x height, read before decoding) as "
                                  "too_many_pixels (default: %(default)s); above ~179 Mpx Pillow's own limit applies")
