@@ -9,4 +9,5 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cac
 [ -f data/demo/val/stats.json ] || python -m kclip.cli prepare demo --out data/demo
 python -m kclip.cli fetch-teacher --out teachers
 RUN=${RUN:-runs/demo}
-python -m kclip.cli train --config demo --output "$RUN" "$@"
+# --resume auto: a re-run continues an interrupted run, or re-evaluates a finished one (RUN=runs/other starts anew)
+python -m kclip.cli train --config demo --output "$RUN" --resume auto "$@"
