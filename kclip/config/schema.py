@@ -49,6 +49,7 @@ SEED = Range(0, 2**31 - 1)
 DISTILL_KINDS = ("cosine", "mse", "relational", "contrastive")
 DISTILL_TARGETS = ("raw", "centered", "whitened")
 CONCEPT_HEAD_KINDS = ("image", "text", "joint")
+KMEANS_BACKENDS = ("auto", "faiss", "torch")
 
 
 def num(default, valid: Range):
@@ -162,6 +163,8 @@ class ConceptConfig:
     warm_start: bool = True  # re-fits start from the current centroids (stable ids, faster convergence)
     center: bool = True  # subtract the mean teacher embedding before clustering and soft labels (anisotropy)
     seed: int = num(0, SEED)
+    # k-means: auto = torch on a GPU rank's device, faiss (faiss-cpu) on the CPU
+    backend: str = one_of("auto", KMEANS_BACKENDS)
 
 
 @dataclass
