@@ -8,6 +8,8 @@ INSTALL_REQUIRES = [
     "transformers>=4.57,<5",
     "accelerate",
     "timm",
+    # The concept bank's k-means on the CPU; on a GPU it clusters with torch (concepts.backend). There is no faiss GPU
+    # extra: faiss-gpu-cu12 installs the same `faiss` package as faiss-cpu, so installing both breaks one of them.
     "faiss-cpu",
     "mosaicml-streaming>=0.13",
     "gguf",
@@ -31,8 +33,6 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],
-        # faiss-gpu wheels are published per CUDA major version; pick the one matching the cluster's driver.
-        "gpu": ["faiss-gpu-cu12"],
         "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["kclip=kclip.cli:main"]},

@@ -14,7 +14,7 @@ from test_teacher_cache import CAPTIONS, TINY, _batch, _cache
 from test_train import REPO, _env
 
 from kclip.config import TeacherConfig
-from kclip.teacher.cache import TeacherCache, TeacherCacheError, embed_cached
+from kclip.teacher.cache import TeacherCache, TeacherCacheError, embed_cached, encode_rows
 from kclip.teacher.model import build_teacher
 
 
@@ -170,11 +170,11 @@ def test_a_checkpoint_save_on_a_full_disk_fails_on_every_rank_and_leaves_latest(
 
 def _damage(cache, rng) -> None:
     """Row 1: random bytes (a failing disk); 2: zeros (a page lost in a crash, marked filled); 3: one NaN;
-    4: its second half zeros (a torn write)."""
-    row_bytes = cache.emb.shape[1] * 4
-    cache.emb[1] = np.frombuffer(rng.bytes(row_bytes), dtype=np.float32)
+    4: its second half zeros (a torn write). In the cache's storage dtype."""
+    row_bytes = cache.emb.shape[1] * cache.emb.itemsize
+    cache.emb[1] = np.frombuffer(rng.bytes(row_bytes), dtype=cache.emb.dtype)
     cache.emb[2] = 0
-    cache.emb[3, 5] = np.nan
+    cache.emb[3, 5] = encode_rows(torch.tensor([[np.nan]]), cache.dtype)[0, 0]
     cache.emb[4, cache.emb.shape[1] // 2:] = 0
     cache.flush()
 

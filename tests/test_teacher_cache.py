@@ -25,9 +25,10 @@ def _batch(teacher, indices, captions):
     return {"teacher_input_ids": ids, "teacher_attention_mask": mask, "index": torch.tensor(indices)}
 
 
-def _cache(tmp_path, teacher, data):
+def _cache(tmp_path, teacher, data, dtype="fp32"):
     return TeacherCache(tmp_path, teacher_fingerprint=teacher.fingerprint, dataset_dir=data,
-                        num_samples=mds_num_samples(data), dim=teacher.hidden_size, unit_norm=teacher.cfg.normalize)
+                        num_samples=mds_num_samples(data), dim=teacher.hidden_size, unit_norm=teacher.cfg.normalize,
+                        dtype=dtype)
 
 
 def test_second_epoch_is_served_from_cache_with_identical_values(tmp_path, data):

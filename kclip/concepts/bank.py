@@ -1,24 +1,25 @@
 """Concept bank: spherical k-means centroids over teacher caption embeddings, and the soft labels they induce.
 
-The fit is collective: rank 0 gathers up to 256 x k rows sampled from all ranks' buffers, clusters them with faiss
-(seeded, so deterministic) and broadcasts the centroids, so every rank holds bit-identical ones. A re-fit is matched
-to the previous centroids (Hungarian assignment on cosine similarity) so concept ids, which the concept heads are
-trained against, stay stable.
+The fit is collective: rank 0 gathers up to 256 x k rows sampled from all ranks' buffers, clusters them (seeded, so
+deterministic; faiss on a CPU, torch on a GPU rank's device: kmeans.py) and broadcasts the centroids, so every rank
+holds bit-identical ones. A re-fit is matched to the previous centroids (Hungarian assignment on cosine similarity) so
+concept ids, which the concept heads are trained against, stay stable.
 """
 from __future__ import annotations
 
 import math
 import time
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from kclip import dist
+from kclip.concepts.kmeans import KMEANS, nearest, resolve_backend
 
-# faiss's default cap on training points per centroid; anything beyond it faiss would subsample away.
+# faiss's default cap on training points per centroid (anything beyond it faiss would subsample away): the fit
+# samples this many per centroid, whichever backend clusters them.
 POINTS_PER_CENTROID = 256
 
 
@@ -38,8 +39,9 @@ class ConceptBank:
     """k centroids in teacher-embedding space (k-means on L2-normalised embeddings when spherical)."""
 
     def __init__(self, k: int, dim: int, *, niter: int = 20, seed: int = 0, spherical: bool = True,
-                 warm_start: bool = True, center: bool = True):
+                 warm_start: bool = True, center: bool = True, backend: str = "auto"):
         self.k, self.dim, self.niter, self.seed, self.spherical = k, dim, niter, seed, spherical
+        self.backend = backend  # concepts.backend: auto | faiss | torch
         # Decoder-LM embeddings are anisotropic: all captions sit in a narrow cone (cosines of 0.9+ between unrelated
         # captions), so cosine similarity to centroids barely varies and softmax(sim / tau) is close to uniform,
         # i.e. the soft labels carry almost no signal. Subtracting the mean of the fitted embeddings first spreads
@@ -57,29 +59,22 @@ class ConceptBank:
     def fitted(self) -> bool:
         return self.centroids is not None
 
-    def _cluster(self, x: np.ndarray) -> tuple[np.ndarray, dict]:
+    def _cluster(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Rank-0 work: k-means on all rows, re-aligned to the previous centroids; returns centroids and stats."""
-        kmeans = faiss.Kmeans(self.dim, self.k, niter=self.niter, seed=self.seed, spherical=self.spherical,
-                              max_points_per_centroid=POINTS_PER_CENTROID)
-        init = self.centroids.cpu().numpy() if self.warm_start and self.fitted else None
-        kmeans.train(x, init_centroids=init)
-        centroids = kmeans.centroids
-        # faiss re-seeds a cluster that ends an iteration empty by splitting a large one (nsplit per iteration).
-        empty = int(sum(s["nsplit"] for s in kmeans.iteration_stats))
+        backend = resolve_backend(self.backend, dist.device())
+        # torch clusters on this rank's device, faiss on the CPU, wherever the rows come from (training's buffers
+        # keep them on the CPU).
+        x = x.to(dist.device() if backend == "torch" else "cpu")
+        init = self.centroids if self.warm_start and self.fitted else None
+        centroids, empty = KMEANS[backend](x, self.k, niter=self.niter, seed=self.seed, spherical=self.spherical,
+                                           init=init)
         moved, drift = 0, 0.0
         if self.fitted:
-            perm, moved, drift = _match_to_previous(self.centroids.cpu().numpy(), centroids)
-            centroids = centroids[perm]
-        _, assignment = self._search(centroids, x)
-        sizes = np.bincount(assignment, minlength=self.k).tolist()
+            perm, moved, drift = _match_to_previous(self.centroids.cpu().numpy(), centroids.cpu().numpy())
+            centroids = centroids[torch.from_numpy(perm).to(x.device)]
+        sizes = torch.bincount(nearest(x, centroids, self.spherical), minlength=self.k).tolist()
         stats = {"moved_ids": moved, "drift": drift, "empty": empty, "sizes": sizes, "points": len(x)}
-        return np.ascontiguousarray(centroids), stats
-
-    def _search(self, centroids: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        index = faiss.IndexFlatIP(self.dim) if self.spherical else faiss.IndexFlatL2(self.dim)
-        index.add(centroids)
-        scores, ids = index.search(x, 1)
-        return scores[:, 0], ids[:, 0]
+        return centroids, stats
 
     def fit(self, local_embeddings: torch.Tensor, mean: torch.Tensor | None = None) -> dict:
         """Collective (every rank calls it): fit on the rows of all ranks and return the stats (same on all ranks).
@@ -90,9 +85,9 @@ class ConceptBank:
         centroids are defined relative to it, and moving it between fits would shift every soft label.
 
         stats: moved_ids (ids whose Hungarian match to the previous fit was not themselves; 0 on the first fit),
-        drift (mean 1 - cos(old_i, new_i) after matching; 0 on the first fit), empty (clusters faiss found empty and
-        re-seeded, summed over iterations), sizes (points per concept in the final assignment), points (rows
-        clustered: all buffered rows, or a sample of 256 x k of them), seconds.
+        drift (mean 1 - cos(old_i, new_i) after matching; 0 on the first fit), empty (clusters found empty and
+        re-seeded by splitting a large one, summed over iterations), sizes (points per concept in the final
+        assignment), points (rows clustered: all buffered rows, or a sample of 256 x k of them), seconds.
         """
         start = time.perf_counter()
         if local_embeddings.ndim != 2 or local_embeddings.shape[1] != self.dim:
@@ -100,8 +95,8 @@ class ConceptBank:
         # Raw rows, prepared below exactly as `soft_labels` prepares them (centre, then normalise): normalising before
         # centring here would fit centroids in a different space from the one the labels are computed in.
         x = local_embeddings.detach().float()
-        # faiss trains on at most POINTS_PER_CENTROID x k rows (it subsamples anything beyond), so each rank sends
-        # only its share of that to rank 0: memory and traffic stay flat as ranks and buffers grow.
+        # k-means gets at most POINTS_PER_CENTROID x k rows, so each rank sends only its share of that to rank 0:
+        # memory and traffic stay flat as ranks and buffers grow.
         x = self._subsample(x, math.ceil(POINTS_PER_CENTROID * self.k / dist.world_size()))
         rows, total = dist.gather_rows(x)
         # Every rank knows the gathered count, so every rank raises here together: no rank is left waiting.
@@ -121,8 +116,8 @@ class ConceptBank:
         stats = None
         centroids = torch.empty(self.k, self.dim, dtype=torch.float32, device=x.device)
         if dist.is_main():
-            fitted, stats = self._cluster(np.ascontiguousarray(rows.cpu().numpy()))
-            centroids.copy_(torch.from_numpy(fitted))
+            fitted, stats = self._cluster(rows)
+            centroids.copy_(fitted)
         dist.broadcast(centroids)
         stats = dist.broadcast_object(stats)
         self.centroids = centroids
@@ -158,10 +153,7 @@ class ConceptBank:
     @torch.no_grad()
     def assign(self, emb: torch.Tensor) -> torch.Tensor:
         """Hard concept id per row [B] (long): nearest centroid by cosine (spherical) or L2 distance."""
-        centroids = self._require_fitted().to(emb.device)
-        if self.spherical:
-            return (self._prepare(emb) @ centroids.T).argmax(dim=1)
-        return torch.cdist(self._prepare(emb), centroids).argmin(dim=1)
+        return nearest(self._prepare(emb), self._require_fitted().to(emb.device), self.spherical)
 
     def state_dict(self) -> dict:
         return {

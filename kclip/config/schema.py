@@ -49,6 +49,8 @@ SEED = Range(0, 2**31 - 1)
 DISTILL_KINDS = ("cosine", "mse", "relational", "contrastive")
 DISTILL_TARGETS = ("raw", "centered", "whitened")
 CONCEPT_HEAD_KINDS = ("image", "text", "joint")
+KMEANS_BACKENDS = ("auto", "faiss", "torch")
+CACHE_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def num(default, valid: Range):
@@ -124,10 +126,16 @@ class TeacherConfig:
     seed: int = num(0, SEED)  # for random_config
     cache: bool = True  # keep teacher embeddings on disk by sample id: later epochs skip the teacher
     cache_dir: str | None = None  # default <run>/teacher_cache; share it between runs with the same teacher and data
+    # how cached rows are stored: bf16 and fp16 halve the cache; part of its key, so never read in another dtype
+    cache_dtype: str = one_of("fp32", CACHE_DTYPES)
 
     def check(self) -> None:
         if self.offload == "nvme" and not self.nvme_path:
             raise ConfigError("teacher.nvme_path: required when teacher.offload=nvme")
+        if self.cache_dtype == "fp16" and not self.normalize:
+            # unnormalised hidden states can exceed float16's largest value: stored as inf, every epoch a miss
+            raise ConfigError("teacher.cache_dtype: fp16 needs teacher.normalize=true (unnormalised embeddings can "
+                              "exceed float16's range, 65504); use bf16")
 
 
 @dataclass
@@ -162,6 +170,8 @@ class ConceptConfig:
     warm_start: bool = True  # re-fits start from the current centroids (stable ids, faster convergence)
     center: bool = True  # subtract the mean teacher embedding before clustering and soft labels (anisotropy)
     seed: int = num(0, SEED)
+    # k-means: auto = torch on a GPU rank's device, faiss (faiss-cpu) on the CPU
+    backend: str = one_of("auto", KMEANS_BACKENDS)
 
 
 @dataclass

@@ -3,10 +3,11 @@
 A frozen teacher gives a caption the same embedding every epoch, and the teacher is the most expensive part of a
 step, so after the first epoch the cache removes most of its cost.
 
-Layout: `<cache_dir>/<key>/node<i>/` with `meta.json`, `emb.f32` (memmap [N, D], row = dataset sample index),
-`filled.u8` (1 where the row holds an embedding) and `lock`. `key` hashes the teacher fingerprint (model, weights,
-layer, pooling, normalisation, max_len, tokenizer) and the dataset's index.json, so a different teacher or dataset
-gets a different folder and is never silently served stale rows.
+Layout: `<cache_dir>/<key>/node<i>/` with `meta.json`, `emb.f32` (memmap [N, D], row = dataset sample index; `emb.bf16`
+or `emb.f16` with `teacher.cache_dtype` bf16 or fp16, half the size), `filled.u8` (1 where the row holds an embedding)
+and `lock`. `key` hashes the teacher fingerprint (model, weights, layer, pooling, normalisation, max_len, tokenizer),
+the dataset's index.json and the storage dtype, so a different teacher, dataset or dtype gets a different folder and is
+never silently served stale rows, nor rows read in another format.
 
 Every node keeps a full copy: ranks of one node share its files (one page cache keeps their writes coherent), while
 two nodes writing one file through a shared filesystem would not be coherent (a flushed page can carry another node's
@@ -40,6 +41,13 @@ from kclip import dist
 from kclip.config.preflight import mds_num_samples
 
 MAX_SLOTS = 64
+# teacher.cache_dtype -> the embedding file's name, its numpy dtype, and the torch dtype rows are rounded to. numpy has
+# no bfloat16: bf16 rows are stored as their 16 bits (the upper half of the float32) and reinterpreted through torch.
+STORAGE = {
+    "fp32": ("emb.f32", np.float32, torch.float32),
+    "bf16": ("emb.bf16", np.uint16, torch.bfloat16),
+    "fp16": ("emb.f16", np.float16, torch.float16),
+}
 
 
 class TeacherCacheError(RuntimeError):
@@ -48,11 +56,15 @@ class TeacherCacheError(RuntimeError):
 
 class TeacherCache:
     def __init__(self, cache_dir: str | Path, *, teacher_fingerprint: str, dataset_dir: str, num_samples: int, dim: int,
-                 unit_norm: bool):
+                 unit_norm: bool, dtype: str = "fp32"):
         index_bytes = (Path(dataset_dir) / "index.json").read_bytes()
-        key = hashlib.sha256(teacher_fingerprint.encode() + index_bytes).hexdigest()[:16]
+        # fp32 adds nothing to the key, so caches written before teacher.cache_dtype existed keep their folder.
+        dtype_salt = b"" if dtype == "fp32" else dtype.encode()
+        key = hashlib.sha256(teacher_fingerprint.encode() + index_bytes + dtype_salt).hexdigest()[:16]
+        self.dtype = dtype
+        emb_name, storage, rounded = STORAGE[dtype]
         self.meta = {"teacher": teacher_fingerprint, "dataset": str(Path(dataset_dir).resolve()),
-                     "num_samples": num_samples, "dim": dim, "dtype": "float32"}
+                     "num_samples": num_samples, "dim": dim, "dtype": str(rounded).removeprefix("torch.")}
         # One process per node picks a slot, creates or repairs its files and holds its lock; the others wait, then
         # map the same files.
         self._lock_file = None
@@ -65,9 +77,10 @@ class TeacherCache:
             except TeacherCacheError as e:
                 claim = e
         self.folder = Path(_from_node_leader(claim))
-        self.emb = np.memmap(self.folder / "emb.f32", dtype=np.float32, mode="r+", shape=(num_samples, dim))
+        self.emb = np.memmap(self.folder / emb_name, dtype=storage, mode="r+", shape=(num_samples, dim))
         self.filled = np.memmap(self.folder / "filled.u8", dtype=np.uint8, mode="r+", shape=(num_samples,))
         self.unit_norm = unit_norm  # the teacher normalises: every row it stores has norm 1
+        self.norm_tolerance = norm_tolerance(dtype)
         self.hits = 0
         self.lookups = 0
         self.corrupt_rows = 0  # rows marked filled that failed `intact` and were served as misses
@@ -94,7 +107,8 @@ class TeacherCache:
     def _create_or_validate(self, folder: Path) -> None:
         meta_path = folder / "meta.json"
         n, d = self.meta["num_samples"], self.meta["dim"]
-        sizes = {folder / "emb.f32": n * d * 4, folder / "filled.u8": n}
+        emb_name, storage, _ = STORAGE[self.dtype]
+        sizes = {folder / emb_name: n * d * np.dtype(storage).itemsize, folder / "filled.u8": n}
         sizes_ok = all(path.is_file() and path.stat().st_size == size for path, size in sizes.items())
         if meta_path.is_file() and sizes_ok:
             try:
@@ -104,7 +118,7 @@ class TeacherCache:
                     return
             except json.JSONDecodeError:
                 pass
-        # Missing, truncated or from another teacher/dataset: rebuild from nothing rather than trust any row.
+        # Missing, truncated or from another teacher/dataset/dtype: rebuild from nothing rather than trust any row.
         # meta.json goes first and comes back last, so a rebuild cut short is never taken for a whole cache.
         meta_path.unlink(missing_ok=True)
         for path, size in sizes.items():
@@ -115,7 +129,7 @@ class TeacherCache:
         """(embeddings [B, D] with zeros where missing, hit mask [B]). A filled row that is not `intact` is missing:
         the caller recomputes it and `store` overwrites it."""
         idx = index.cpu().numpy()
-        emb = np.array(self.emb[idx])
+        emb = decode_rows(self.emb[idx], self.dtype)
         filled = self.filled[idx].astype(bool)
         hit = filled & self.intact(emb)
         emb[~hit] = 0
@@ -125,17 +139,20 @@ class TeacherCache:
         return torch.from_numpy(emb), torch.from_numpy(hit)
 
     def intact(self, rows: np.ndarray) -> np.ndarray:
-        """Per row of `rows` [B, D]: whether it can be an embedding the teacher stored. One squared norm per row,
-        summed in float32, shows the usual damage: NaN or inf; zeros (a page lost in a crash); random bytes, whose
-        exponents put some element above ~1e19, so that the sum overflows. A normalising teacher's rows must also have
-        norm 1, which finds rows torn part way too (float32 normalisation is off by ~1e-7, a lost page by far more)."""
+        """Per row of `rows` [B, D] (float32, as `decode_rows` gives them): whether it can be an embedding the teacher
+        stored. One squared norm per row, summed in float32, shows the usual damage: NaN or inf; zeros (a page lost in
+        a crash); random bytes, whose exponents put some element above ~1e19, so that the sum overflows (as float32 or
+        bfloat16; as float16, whose largest value is 65504, a random row holds a NaN or inf unless all its D elements
+        miss a 1-in-32 chance, and fp16 caches only serve normalising teachers, whose norm check finds the rest). A
+        normalising teacher's rows must also have norm 1 (within `norm_tolerance`), which finds rows torn part way
+        too."""
         sq = np.einsum("ij,ij->i", rows, rows)
         ok = np.isfinite(sq) & (sq > 0)
-        return ok & (np.abs(sq - 1) < 1e-3) if self.unit_norm else ok
+        return ok & (np.abs(sq - 1) < self.norm_tolerance) if self.unit_norm else ok
 
     def store(self, index: torch.Tensor, emb: torch.Tensor) -> None:
         idx = index.cpu().numpy()
-        self.emb[idx] = emb.detach().float().cpu().numpy()
+        self.emb[idx] = encode_rows(emb, self.dtype)
         self.filled[idx] = 1
 
     def store_everywhere(self, index: torch.Tensor, emb: torch.Tensor) -> None:
@@ -165,6 +182,28 @@ class TeacherCache:
     @property
     def hit_rate(self) -> float:
         return self.hits / max(1, self.lookups)
+
+
+def encode_rows(rows: torch.Tensor, dtype: str) -> np.ndarray:
+    """Rows [B, D] as the cache stores them: rounded to nearest in `dtype`; bf16 as its raw 16 bits."""
+    _, storage, rounded = STORAGE[dtype]
+    out = rows.detach().float().cpu().to(rounded)
+    return out.view(torch.int16).numpy().view(storage) if dtype == "bf16" else out.numpy()
+
+
+def decode_rows(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 rows [B, D] (a copy) from rows as the cache stores them."""
+    if dtype == "bf16":
+        return torch.from_numpy(np.array(stored).view(np.int16)).view(torch.bfloat16).float().numpy()
+    return np.array(stored, dtype=np.float32)
+
+
+def norm_tolerance(dtype: str) -> float:
+    """How far from 1 the squared norm of a normalised row may be once stored in `dtype`. Rounding each element to
+    `dtype` changes it by a factor within 1 +- u (u = eps / 2), so the squared norm by at most 2u + u^2: this allows
+    twice that, 2 eps (float16 2.0e-3, bfloat16 1.6e-2; float32 keeps 1e-3, far above its rounding). Torn and zeroed
+    rows are off by far more (half a row lost: ~0.5). Measured on the demo's teacher rows: BENCHMARKS.md."""
+    return max(1e-3, 2 * torch.finfo(STORAGE[dtype][2]).eps)
 
 
 def _allocate(path: Path, nbytes: int, *, fresh: bool) -> None:
@@ -201,7 +240,7 @@ def open_cache(cfg, teacher, run_dir: str | Path) -> TeacherCache:
     """The cache of `cfg`'s teacher over its training set (collective): `teacher.cache_dir`, else `<run_dir>/teacher_cache`."""
     return TeacherCache(cfg.teacher.cache_dir or Path(run_dir) / "teacher_cache", teacher_fingerprint=teacher.fingerprint,
                         dataset_dir=cfg.data.train, num_samples=mds_num_samples(cfg.data.train), dim=teacher.hidden_size,
-                        unit_norm=cfg.teacher.normalize)
+                        unit_norm=cfg.teacher.normalize, dtype=cfg.teacher.cache_dtype)
 
 
 def embed_cached(teacher, cache: TeacherCache | None, batch: dict) -> torch.Tensor:

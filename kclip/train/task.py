@@ -107,7 +107,7 @@ class KnowledgeCLIPTask:
             if cfg.loss.concept_weight > 0:
                 c = cfg.concepts
                 self.bank = ConceptBank(c.k, teacher.hidden_size, niter=c.niter, seed=c.seed,
-                                        warm_start=c.warm_start, center=c.center)
+                                        warm_start=c.warm_start, center=c.center, backend=c.backend)
                 self.buffer = EmbeddingBuffer(c.buffer_size)
 
     def forward(self, batch: dict) -> dict:
