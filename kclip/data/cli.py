@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from kclip import console
 from kclip.data.demo import build_demo
 from kclip.data.prepare import DEFAULT_MAX_PIXELS, write_mds
 from kclip.data.sources import csv_candidates, folder_candidates, tar_candidates
@@ -36,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                             help="skip images with more pixels (width x height, read before decoding) as "
                                  "too_many_pixels (default: %(default)s); above ~179 Mpx Pillow's own limit applies")
+        console.add_verbose_flag(sp)
 
     c = sub.add_parser("csv", help="CSV/TSV with image path and caption columns")
     c.add_argument("--src", required=True)

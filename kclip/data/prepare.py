@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 from streaming import MDSWriter
-from tqdm import tqdm
 
+from kclip.console import progress
 from kclip.data.transforms import decode_checked
 from kclip.tokenizers import load_tokenizer
 
@@ -257,7 +257,7 @@ def _write_records(
     check = functools.partial(check_chunk, tokenizer=tokenizer, max_pixels=max_pixels)
     with MDSWriter(out=out, columns=columns, compression="zstd", size_limit=size_limit) as writer, open(
         os.path.join(out, "rejects.jsonl"), "w", encoding="utf-8"
-    ) as rejects, tqdm(desc=desc, unit="rec", disable=None) as bar:
+    ) as rejects, progress(None, desc, "rec") as bar:
         for checked in ordered_map(check, chunks, workers):
             for r in checked:
                 c = r.candidate

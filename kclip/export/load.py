@@ -13,11 +13,9 @@ before that copy need the `student.hf_clip` folder they were fine-tuned from.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 import yaml
 from PIL import Image
 
+from kclip import console
 from kclip.config import Config, from_dict
 from kclip.data.loader import tokenize
 from kclip.export.format import (
@@ -105,7 +104,7 @@ def student_weights(tag_dir: Path, module_state: dict) -> dict[str, torch.Tensor
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # it reports progress with print(); stdout may carry results
+        with console.printed_to_log("deepspeed.utils.zero_to_fp32"):  # it reports progress with print()
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         log.warning("%s: fp32 master weights not reassembled (%s: %s); using the module weights", tag_dir,
