@@ -2,10 +2,12 @@
 to the console with --verbose); errors stay one line."""
 from __future__ import annotations
 
+import io
 import logging
 import shlex
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,12 @@ from shapes import make_shapes_mds
 from test_train import REPO, _env, losses, train_cmd
 
 from kclip import console
+from kclip.data.sources import (
+    count_folder_records,
+    count_tar_records,
+    folder_candidates,
+    tar_candidates,
+)
 
 # A line from each library the demo's console used to fill; the resource tracker's come at interpreter exit.
 NOISE = ("faiss.loader", "DeepSpeed", "streaming.", "transformers", "resource_tracker", "leaked shared_memory")
@@ -102,3 +110,21 @@ def test_only_rank_0_prints_kclip_lines_and_every_rank_keeps_its_file(tmp_path, 
     for name, rank in (("log.txt", "0"), ("log.rank1.txt", "1")):
         text = (tmp_path / name).read_text()
         assert all(f"{line} of rank {rank}" in text for line in ("kclip line", "library line", "printed line")), text
+
+
+def test_conversion_totals_count_what_the_sources_yield(tmp_path):
+    """`kclip prepare` counts its input first for the progress bar's ETA: the counts match the records."""
+    src = tmp_path / "folder"
+    src.mkdir()
+    for name in ("a.png", "a.txt", "b.jpg", "b.txt", "c.txt", "d.json"):
+        (src / name).write_bytes(b"x")
+    assert count_folder_records(str(src)) == len(list(folder_candidates(str(src)))) == 3
+    tar = tmp_path / "shard.tar"
+    with tarfile.open(tar, "w") as tf:
+        for name in ("k1.jpg", "k1.txt", "k2.jpg", "k2.txt", "k2.json", "k3.png"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"x"))
+    (tmp_path / "broken.tar").write_bytes(b"not a tar")
+    patterns = [str(tar), str(tmp_path / "broken.tar")]
+    assert count_tar_records(patterns) == len(list(tar_candidates(patterns))) == 4

@@ -163,7 +163,8 @@ def encode_texts(model: KnowledgeCLIP, tokenizer: TextTokenizer, texts: list[str
     """L2-normalised text embeddings [n, d] (float32, on CPU)."""
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(texts), batch_size):
+    starts = range(0, len(texts), batch_size)
+    for start in console.progress(len(starts), "embedding texts", "batch", iterable=starts, leave=False):
         enc = tokenizer(texts[start : start + batch_size])
         out.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu())
     return torch.cat(out) if out else torch.empty(0, 0)
@@ -179,7 +180,8 @@ def embed_image_files(loaded: LoadedModel, paths: list[Path], batch_size: int = 
     """L2-normalised embeddings [n, d] of image files, prepared with the model's own preprocessing."""
     preprocess = build_preprocess(loaded.preprocess)
     out = []
-    for start in range(0, len(paths), batch_size):
+    starts = range(0, len(paths), batch_size)
+    for start in console.progress(len(starts), "embedding images", "batch", iterable=starts, leave=False):
         pixels = []
         for path in paths[start : start + batch_size]:
             with Image.open(path) as img:
