@@ -24,6 +24,8 @@ FORMAT = "%(asctime)s %(name)s: %(message)s"
 # Records logged before the run's log file opens (imports, set-up before the run folder is locked) wait in memory;
 # only the last ones are kept, for the commands that never open one.
 PENDING_LIMIT = 2000
+# The resource tracker's exit warnings all start with "resource_tracker:" (see `setup`).
+TRACKER_FILTER = "ignore:resource_tracker:UserWarning"
 # kclip's progress bars appear once their work has lasted this long.
 BAR_DELAY_S = 2.0
 
@@ -92,8 +94,8 @@ def setup(verbose: bool = False) -> None:
         # before streaming's atexit cleanup, a segment that another job's stale-memory sweep unlinked first) and
         # warns about each, straight to the inherited stderr: its lines never pass through this process's logging.
         # It takes its warning filters from the environment when it starts, before any segment exists.
-        os.environ["PYTHONWARNINGS"] = ",".join(
-            filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]))
+        filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
+        os.environ["PYTHONWARNINGS"] = ",".join(dict.fromkeys([*filters, TRACKER_FILTER]))
     root = logging.getLogger()
     for handler in _handlers:
         root.removeHandler(handler)
