@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import os
+import shlex
 import sys
+import time
 from pathlib import Path
 
+from kclip import console
 from kclip.config import ConfigError
 
 
@@ -62,13 +64,15 @@ def load_run_config(config: str, overrides: list[str]):
 def train_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kclip train", description="Train a Knowledge-CLIP student.")
     parser.add_argument("--config", required=True, help="named config (demo, smoke, cc3m-llama2-7b-vitb16) or a YAML file")
-    parser.add_argument("--output", required=True, help="run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/")
+    parser.add_argument("--output", required=True, help="run folder: config.yaml, metrics.jsonl, log.txt, "
+                        "tensorboard/, checkpoints/")
     parser.add_argument("--resume", help="latest (the run folder's newest checkpoint), auto (latest if there is one, "
                         "else start fresh: for requeued jobs), or a checkpoint folder")
     parser.add_argument("--allow-config-change", action="store_true", help="resume even if the config differs")
     parser.add_argument("--overwrite", action="store_true", help="start from scratch in a folder that holds a run, "
                         "deleting its checkpoints and logs")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100 loss.concept_weight=0")
+    console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     from kclip.train import signals
 
@@ -94,6 +98,7 @@ def train_main(argv: list[str]) -> int:
     from kclip.train.loop import train
     from kclip.train.state import TrainingError
 
+    start = time.monotonic()
     try:
         result, code = call_collective(train, cfg, args.output, resume=resume,
                                        allow_config_change=args.allow_config_change, overwrite=args.overwrite,
@@ -105,8 +110,50 @@ def train_main(argv: list[str]) -> int:
     if code:
         return code
     if dist.is_main():
-        print(json.dumps(result["eval"] or {}, indent=1))
+        print("\n".join(train_summary(args, cfg.train.steps, result, time.monotonic() - start)))
     return 0
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues the run: this one, with `--resume latest` for its --resume or --overwrite."""
+    options = ["--config", args.config, "--output", args.output, "--resume", "latest"]
+    options += ["--allow-config-change"] * args.allow_config_change + ["--verbose"] * args.verbose
+    command = shlex.join(["train", *options, *args.overrides])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the launcher's own arguments are not visible to a rank
+        return f"the same launcher, running kclip.cli {command}"
+    return f"{'kclip' if Path(sys.argv[0]).name == 'kclip' else 'python -m kclip.cli'} {command}"
+
+
+def train_summary(args: argparse.Namespace, steps: int, result: dict, seconds: float) -> list[str]:
+    """What a finished or stopped run prints last: its final losses and evaluation, and where everything is."""
+    from kclip.train.metrics import read_metrics
+
+    run = Path(args.output)
+    stopped = result.get("preempted_at")
+    minutes, secs = divmod(round(seconds), 60)
+    head = f"stopped by a signal after step {stopped} of {steps}" if stopped is not None else f"done, {steps} steps"
+    lines = [f"kclip train: {head} in {minutes}m {secs:02d}s"]
+    rows = read_metrics(run) if (run / "metrics.jsonl").is_file() else []
+    last = next((row for row in reversed(rows) if "loss/total" in row), None)
+    if last:
+        # The total and its terms; their parts (loss/concept/image, loss/distill/mean_baseline) are in metrics.jsonl.
+        terms = sorted((k for k in last if k.startswith("loss/") and k.count("/") == 1),
+                       key=lambda k: (k != "loss/total", k))
+        lines.append(f"  losses at step {last['step']}: " + ", ".join(f"{k[5:]} {last[k]:.4f}" for k in terms))
+    evaluation = result.get("eval") or {}
+    if evaluation:
+        recall = "   ".join(
+            f"{d} R@1/5/10 " + " / ".join(f"{evaluation[f'retrieval/{d}_R@{k}']:.3f}" for k in (1, 5, 10))
+            for d in ("i2t", "t2i"))
+        lines.append(f"  eval on data.val ({evaluation['num_samples']} pairs): {recall}")
+    latest = run / "checkpoints" / "latest"
+    lines.append(f"  checkpoint: {run / 'checkpoints' / latest.read_text().strip() if latest.is_file() else 'none'}")
+    logs = [p for p in (run / "metrics.jsonl", run / "tensorboard", run / "log.txt") if p.exists()]
+    lines.append(f"  logs: {', '.join(map(str, logs))}; plots: kclip report {shlex.quote(str(run))} --out "
+                 f"{shlex.quote(str(run / 'report'))}")
+    more = "" if stopped is not None else " (raise train.steps to train further)"
+    lines.append(f"  resume{more}: {resume_command(args)}")
+    return lines
 
 
 def teacher_cache_main(argv: list[str]) -> int:
@@ -117,6 +164,7 @@ def teacher_cache_main(argv: list[str]) -> int:
     parser.add_argument("--output", required=True, help="the run folder `kclip train` will use (the cache goes to "
                         "RUN/teacher_cache unless teacher.cache_dir is set)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, as for kclip train")
+    console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
 
     from kclip import dist
@@ -157,10 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The deepspeed launcher puts --local_rank=N in front of the arguments; LOCAL_RANK in the environment says the same.
     argv = [a for a in argv if not a.startswith("--local_rank=")]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: kclip {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return 2
+    if argv[0] != "launch":  # the launcher's own process logs nothing; its ranks set up their consoles
+        # Before the command's module is imported: import-time warnings and library handlers are sorted too.
+        console.setup(verbose="--verbose" in argv)
     module, function = COMMANDS[argv[0]].split(":")
     # Imported on demand: each subcommand pulls in heavy libraries (deepspeed, streaming) only when it runs.
     return getattr(importlib.import_module(module), function)(argv[1:]) or 0

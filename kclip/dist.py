@@ -19,6 +19,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from kclip import console
+
 
 def free_port() -> int:
     """A TCP port free on this host now (the OS picks it); for single-node rendezvous."""
@@ -164,7 +166,8 @@ def init(timeout_s: float = 600.0, rendezvous_timeout_s: float | None = None) ->
         torch.cuda.set_device(local_rank())
     rendezvous_timeout_s = rendezvous_timeout_s or timeout_s
     try:
-        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=rendezvous_timeout_s), verbose=False)
+        with console.printed_to_log("deepspeed.comm"):  # it print()s that its CPU communication op was built
+            deepspeed.init_distributed(timeout=datetime.timedelta(seconds=rendezvous_timeout_s), verbose=False)
     except (dist.DistStoreError, dist.DistNetworkError) as e:
         first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise RendezvousError(

@@ -26,6 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from kclip import console
 from kclip.train.metrics import read_metrics
 
 TIMES = ("data_ms", "teacher_ms", "student_ms", "kmeans_ms")
@@ -249,6 +250,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--data", help="MDS folder for the concept maps' captions (default: each run's data.val/train)")
     p.add_argument("--concept-map-samples", type=int, default=2000)
     p.add_argument("--no-concept-map", action="store_true", help="skip the concept maps (they load the teacher)")
+    console.add_verbose_flag(p)
     args = p.parse_args(argv)
     try:
         md = report(args.runs, args.out, data=args.data, concept_map_samples=args.concept_map_samples,

@@ -40,6 +40,8 @@ def fake_run(run: Path) -> Path:
     (run / "checkpoints" / "latest").write_text("step_00000020")
     (run / "config.yaml").write_text("old: config\n")
     (run / "metrics.jsonl").write_text('{"step": 20}\n')
+    (run / "log.txt").write_text("rank 0's log\n")
+    (run / "log.rank1.txt").write_text("rank 1's log\n")
     return run
 
 

@@ -6,9 +6,16 @@ import json
 import os
 import sys
 
+from kclip import console
 from kclip.data.demo import build_demo
-from kclip.data.prepare import DEFAULT_MAX_PIXELS, write_mds
-from kclip.data.sources import csv_candidates, folder_candidates, tar_candidates
+from kclip.data.prepare import DEFAULT_MAX_PIXELS, check_output_dir, write_mds
+from kclip.data.sources import (
+    count_folder_records,
+    count_tar_records,
+    csv_candidates,
+    folder_candidates,
+    tar_candidates,
+)
 
 
 def _label_cols(text: str) -> tuple[str, ...]:
@@ -36,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                             help="skip images with more pixels (width x height, read before decoding) as "
                                  "too_many_pixels (default: %(default)s); above ~179 Mpx Pillow's own limit applies")
+        console.add_verbose_flag(sp)
 
     c = sub.add_parser("csv", help="CSV/TSV with image path and caption columns")
     c.add_argument("--src", required=True)
@@ -60,18 +68,22 @@ def prepare_main(argv: list[str]) -> int:
         if args.format == "demo":
             stats = build_demo(args.out, tokenizer=args.tokenizer, workers=args.workers)
         else:
+            # Counted first (no image is read) so that the progress bar has an ETA; a bad --out fails before that.
+            check_output_dir(args.out)
             if args.format == "csv":
-                candidates = csv_candidates(
-                    args.src, image_col=args.image_col, caption_col=args.caption_col, label_cols=args.label_cols,
-                    sep=args.sep,
-                )
+                columns = {"image_col": args.image_col, "caption_col": args.caption_col,
+                           "label_cols": args.label_cols, "sep": args.sep}
+                candidates = csv_candidates(args.src, **columns)
+                total = sum(1 for _ in csv_candidates(args.src, **columns))  # the rows alone: one pass over the CSV
             elif args.format == "folder":
                 candidates = folder_candidates(args.src, label_cols=args.label_cols)
+                total = count_folder_records(args.src)
             else:
                 candidates = tar_candidates(args.src, label_cols=args.label_cols)
+                total = count_tar_records(args.src)
             stats = write_mds(
                 candidates, args.out, label_columns=args.label_cols, tokenizer=args.tokenizer, workers=args.workers,
-                size_limit=args.shard_mb << 20, max_pixels=args.max_pixels, desc=f"prepare {args.format}",
+                size_limit=args.shard_mb << 20, max_pixels=args.max_pixels, desc=f"prepare {args.format}", total=total,
             )
     except (OSError, ValueError) as e:
         print(f"kclip prepare: error: {e}", file=sys.stderr)

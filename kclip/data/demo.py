@@ -111,10 +111,10 @@ def build_demo(out: str, *, tokenizer: str = "byte", workers: int = 1) -> dict[s
     with staged_output(out) as partial:
         records = list(_candidates(paths, _metadata(), workers))
         for split, want_val in (("train", False), ("val", True)):
-            chosen = (c for key, c in records if is_val(key) == want_val)
+            chosen = [c for key, c in records if is_val(key) == want_val]
             stats[split] = write_mds(
                 chosen, os.path.join(partial, split), label_columns=LABEL_COLUMNS, tokenizer=tokenizer,
-                workers=workers, desc=f"demo/{split}",
+                workers=workers, desc=f"demo/{split}", total=len(chosen),
             )
         with open(os.path.join(partial, "ATTRIBUTION.md"), "w", encoding="utf-8") as f:
             f.write(ATTRIBUTION)

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 from streaming import MDSWriter
-from tqdm import tqdm
 
+from kclip.console import progress
 from kclip.data.transforms import decode_checked
 from kclip.tokenizers import load_tokenizer
 
@@ -233,22 +233,25 @@ def write_mds(
     size_limit: int = 1 << 26,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     desc: str = "prepare",
+    total: int | None = None,
 ) -> dict:
-    """Check and write `candidates` to the MDS folder `out` (must be empty or absent); return the stats dict."""
+    """Check and write `candidates` to the MDS folder `out` (must be empty or absent); return the stats dict.
+    `total`, the number of candidates if known, gives the progress bar its ETA."""
     label_columns = tuple(label_columns)
     clash = set(label_columns) & set(BASE_COLUMNS)
     if clash or len(set(label_columns)) != len(label_columns):
         raise ValueError(f"label columns must be distinct and not named id/image/caption: {list(label_columns)}")
     load_tokenizer(tokenizer)  # fail fast on a bad spec; forked workers inherit the cached tokenizer
     with staged_output(out) as partial:
-        stats = _write_records(candidates, partial, label_columns, tokenizer, workers, size_limit, max_pixels, desc)
+        stats = _write_records(candidates, partial, label_columns, tokenizer, workers, size_limit, max_pixels, desc,
+                               total)
         write_stats(partial, stats)
     return stats
 
 
 def _write_records(
     candidates: Iterable[Candidate], out: str, label_columns: tuple[str, ...], tokenizer: str, workers: int,
-    size_limit: int, max_pixels: int, desc: str,
+    size_limit: int, max_pixels: int, desc: str, total: int | None,
 ) -> dict:
     """Shards, index.json and rejects.jsonl in `out`; return the stats."""
     columns = {"id": "str", "image": "bytes", "caption": "str", **{c: "str" for c in label_columns}}
@@ -257,7 +260,7 @@ def _write_records(
     check = functools.partial(check_chunk, tokenizer=tokenizer, max_pixels=max_pixels)
     with MDSWriter(out=out, columns=columns, compression="zstd", size_limit=size_limit) as writer, open(
         os.path.join(out, "rejects.jsonl"), "w", encoding="utf-8"
-    ) as rejects, tqdm(desc=desc, unit="rec", disable=None) as bar:
+    ) as rejects, progress(total, desc, "rec") as bar:
         for checked in ordered_map(check, chunks, workers):
             for r in checked:
                 c = r.candidate

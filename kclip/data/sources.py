@@ -125,11 +125,23 @@ def folder_candidates(src: str, *, label_cols: tuple[str, ...] = ()) -> Iterator
     return _folder_records(src, label_cols)
 
 
-def _folder_records(src: str, label_cols: tuple[str, ...]) -> Iterator[Candidate]:
+def _folder_files(src: str) -> tuple[list[str], set[str]]:
+    """Every file under `src` (relative, sorted) and the stems that have an image."""
     files = sorted(
         os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/") for d, _, names in os.walk(src) for f in names
     )
-    stems_with_image = {f.rsplit(".", 1)[0] for f in files if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS}
+    return files, {f.rsplit(".", 1)[0] for f in files if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS}
+
+
+def count_folder_records(src: str) -> int:
+    """How many candidates `folder_candidates` yields (images, and captions without one), from the listing alone."""
+    files, stems_with_image = _folder_files(src)
+    images = sum(f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS for f in files)
+    return images + sum(f.endswith(".txt") and f[: -len(".txt")] not in stems_with_image for f in files)
+
+
+def _folder_records(src: str, label_cols: tuple[str, ...]) -> Iterator[Candidate]:
+    files, stems_with_image = _folder_files(src)
     for rel in files:
         stem, _, ext = rel.rpartition(".")
         ext = ext.lower()
@@ -182,6 +194,24 @@ def tar_candidates(patterns: list[str], *, label_cols: tuple[str, ...] = ()) -> 
     """Stream each tar once; a sample's files are adjacent in webdataset shards, so memory holds one sample.
     A damaged tar yields the samples before the damage, then one "unreadable_tar" reject, and conversion goes on."""
     return _tar_records(expand_tar_sources(patterns), label_cols)
+
+
+def count_tar_records(patterns: list[str]) -> int:
+    """About how many candidates `tar_candidates` yields, from the members' headers: an uncompressed tar is read header
+    by header, seeking past the files; a compressed one is decompressed once more. A damaged tar counts its samples
+    up to the damage and its reject."""
+    total = 0
+    for path in expand_tar_sources(patterns):
+        last = None
+        try:
+            with tarfile.open(path, mode="r:*") as tf:
+                for member in tf:
+                    key = _tar_key(member.name)[0]
+                    if member.isfile() and key != last:
+                        total, last = total + 1, key
+        except (tarfile.TarError, OSError, EOFError):
+            total += 1
+    return total
 
 
 def _tar_records(paths: list[str], label_cols: tuple[str, ...]) -> Iterator[Candidate]:

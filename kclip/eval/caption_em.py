@@ -15,14 +15,14 @@ few captions more or less decoded exactly).
 """
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+
+from kclip.console import progress
 
 BOS, EOS, PAD = 256, 257, -100
 VOCAB = 258
@@ -71,12 +71,6 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def progress(total: int, desc: str, unit: str) -> tqdm:
-    """A progress line with an ETA on stderr (sparser when stderr is a file): the probe runs for minutes on a CPU."""
-    return tqdm(total=total, desc=desc, unit=unit, mininterval=1.0 if sys.stderr.isatty() else 30.0,
-                dynamic_ncols=True)
 
 
 def encode_bytes(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kclip import dist
+from kclip import console, dist
 
 DEFAULT_K = 10
 BLOCK = 1024
@@ -47,7 +47,8 @@ def teacher_embeddings(teacher, captions: list[str]) -> torch.Tensor:
     per_rank = math.ceil(len(captions) / world)
     mine = captions[rank * per_rank : (rank + 1) * per_rank]
     out = []
-    for start in range(0, max(per_rank, 1), TEACHER_BATCH):
+    starts = range(0, max(per_rank, 1), TEACHER_BATCH)
+    for start in console.progress(len(starts), "kNN probe: teacher embeddings", "batch", iterable=starts, leave=False):
         part = mine[start : start + TEACHER_BATCH]
         if part:
             ids, mask = teacher.tokenize(part)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from kclip.console import progress
 from kclip.eval.zeroshot import classification_metrics
 
 LAMBDAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -54,8 +55,12 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
     n_val = max(1, int(VALIDATION_FRACTION * len(train_x)))
     val, fit = order[:n_val], order[n_val:]
-    scores = [top1(*fit_logistic(train_x[fit], train_y[fit], num_classes, lam), train_x[val], train_y[val])
-              for lam in LAMBDAS]
-    best = max(range(len(LAMBDAS)), key=lambda i: (scores[i], i))
-    w, b = fit_logistic(train_x, train_y, num_classes, LAMBDAS[best])
+    with progress(len(LAMBDAS) + 1, "linear probe", "fit", leave=False) as bar:
+        scores = []
+        for lam in LAMBDAS:
+            scores.append(top1(*fit_logistic(train_x[fit], train_y[fit], num_classes, lam), train_x[val], train_y[val]))
+            bar.update()
+        best = max(range(len(LAMBDAS)), key=lambda i: (scores[i], i))
+        w, b = fit_logistic(train_x, train_y, num_classes, LAMBDAS[best])
+        bar.update()
     return {**classification_metrics((test_x.double() @ w.T + b).float(), test_y), "lambda": LAMBDAS[best]}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from kclip import dist
+from kclip import console, dist
 from kclip.data.loader import build_loader
 from kclip.eval import attributes
 from kclip.eval.caption_em import ProbeConfig, caption_em
@@ -209,6 +209,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-k", type=int, default=DEFAULT_K)
     p.add_argument("--knn-max-captions", type=int, default=KNN_MAX_CAPTIONS)
     p.add_argument("--em-steps", type=int, default=ProbeConfig.steps, help="caption decoder training steps")
+    console.add_verbose_flag(p)
     return p
 
 

@@ -19,7 +19,7 @@ import re
 import torch
 import torch.distributed
 
-from kclip import dist
+from kclip import console, dist
 from kclip.eval.retrieval import retrieval_metrics
 
 CAPTION_SUFFIX = re.compile(r"#\d+$")
@@ -59,7 +59,7 @@ def embed_split(model, loader, device) -> dict:
     images, texts, indices, image_keys, txt_keys = [], [], [], [], []
     labels: dict[str, list] = {}
     captions: list[str] = []
-    for batch in loader:
+    for batch in console.progress(len(loader), "embedding the split", "batch", iterable=loader, leave=False):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         images.append(model.encode_image(batch["pixels"].to(device)).float().cpu())
         texts.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kclip import dist
+from kclip import console, dist
 from kclip.export.format import ModelLoadError
 from kclip.export.load import embed_image_files, encode_texts, load_model
 from kclip.train.checkpoint import CheckpointError
@@ -37,6 +37,7 @@ def main(argv: list[str]) -> int:
     source.add_argument("--texts", help="text file, one text per line")
     p.add_argument("--out", required=True, help="output .npy")
     p.add_argument("--batch-size", type=int, default=64)
+    console.add_verbose_flag(p)
     args = p.parse_args(argv)
     out = Path(args.out)
     try:

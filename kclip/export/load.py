@@ -13,11 +13,9 @@ before that copy need the `student.hf_clip` folder they were fine-tuned from.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 import yaml
 from PIL import Image
 
+from kclip import console
 from kclip.config import Config, from_dict
 from kclip.data.loader import tokenize
 from kclip.export.format import (
@@ -105,7 +104,7 @@ def student_weights(tag_dir: Path, module_state: dict) -> dict[str, torch.Tensor
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # it reports progress with print(); stdout may carry results
+        with console.printed_to_log("deepspeed.utils.zero_to_fp32"):  # it reports progress with print()
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         log.warning("%s: fp32 master weights not reassembled (%s: %s); using the module weights", tag_dir,
@@ -164,7 +163,8 @@ def encode_texts(model: KnowledgeCLIP, tokenizer: TextTokenizer, texts: list[str
     """L2-normalised text embeddings [n, d] (float32, on CPU)."""
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(texts), batch_size):
+    starts = range(0, len(texts), batch_size)
+    for start in console.progress(len(starts), "embedding texts", "batch", iterable=starts, leave=False):
         enc = tokenizer(texts[start : start + batch_size])
         out.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu())
     return torch.cat(out) if out else torch.empty(0, 0)
@@ -180,7 +180,8 @@ def embed_image_files(loaded: LoadedModel, paths: list[Path], batch_size: int = 
     """L2-normalised embeddings [n, d] of image files, prepared with the model's own preprocessing."""
     preprocess = build_preprocess(loaded.preprocess)
     out = []
-    for start in range(0, len(paths), batch_size):
+    starts = range(0, len(paths), batch_size)
+    for start in console.progress(len(starts), "embedding images", "batch", iterable=starts, leave=False):
         pixels = []
         for path in paths[start : start + batch_size]:
             with Image.open(path) as img:

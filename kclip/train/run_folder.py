@@ -48,8 +48,8 @@ def clear(run_dir: Path) -> None:
     """`--overwrite`: remove the previous run's checkpoints, logs and markers (called under the lock)."""
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-    for name in ("metrics.jsonl", "PREEMPTED"):
-        (run_dir / name).unlink(missing_ok=True)
+    for path in [run_dir / "metrics.jsonl", run_dir / "PREEMPTED", *run_dir.glob("log*.txt")]:
+        path.unlink(missing_ok=True)
 
 
 def _holder() -> dict:
