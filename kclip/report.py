@@ -26,14 +26,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from kclip.train.metrics import read_metrics
-
 TIMES = ("data_ms", "teacher_ms", "student_ms", "kmeans_ms")
 NOT_METRICS = ("step", "time")
 
 
 class Run:
     def __init__(self, folder: Path, name: str):
+        from kclip.train.metrics import read_metrics  # its module imports torch: not before the arguments are parsed
+
         self.folder, self.name = folder, name
         if not (folder / "metrics.jsonl").is_file():
             raise FileNotFoundError(f"{folder}: no metrics.jsonl (not a kclip run folder)")
