@@ -104,14 +104,14 @@ def remove_shm_buffers(port: int | str) -> None:
             os.remove(path)
 
 
-def run_kclip(cmd: list[str], log_path: Path, env: dict, timeout: float) -> float:
+def run_kclip(cmd: list[str], log_path: Path, env: dict, timeout: float, cwd: Path = ROOT) -> float:
     """`run_logged` for a single-process kclip command on a port chosen here, so its shared-memory buffers can be
     removed afterwards."""
     from kclip.dist import free_port
 
     port = free_port()
     try:
-        return run_logged(cmd, log_path, dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)), timeout)
+        return run_logged(cmd, log_path, dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)), timeout, cwd)
     finally:
         remove_shm_buffers(port)
 

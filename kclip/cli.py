@@ -73,7 +73,7 @@ def train_main(argv: list[str]) -> int:
                         "deleting its checkpoints and logs")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100 loss.concept_weight=0")
     console.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
+    args = console.parse_args(parser, argv)
     from kclip.train import signals
 
     signals.install()  # before the heavy imports: a stop signal during start-up is honoured, not fatal
@@ -165,7 +165,7 @@ def teacher_cache_main(argv: list[str]) -> int:
                         "RUN/teacher_cache unless teacher.cache_dir is set)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, as for kclip train")
     console.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
+    args = console.parse_args(parser, argv)
 
     from kclip import dist
     from kclip.data.loader import DataError

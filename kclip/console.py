@@ -105,9 +105,15 @@ def setup(verbose: bool = False) -> None:
         root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
-    # Each library installs its handler when imported, so it is imported here first. DeepSpeed (seconds to import,
-    # and only some commands need it) logs through the one logger "DeepSpeed": a filter on it hands the records to
-    # the root logger's handlers and keeps them from its own, however late it is imported.
+
+
+def adopt_libraries() -> None:
+    """Send torch's, transformers' and DeepSpeed's records through the root logger's handlers (console or log file)
+    instead of their own stderr handlers. Each library installs its handler when imported, so torch and transformers
+    are imported here: only once a command's arguments are parsed (`parse_args`), so that --help and argument errors
+    answer without them. DeepSpeed (seconds to import, and only some commands need it) logs through the one logger
+    "DeepSpeed": a filter on it hands the records to the root logger's handlers and keeps them from its own, however
+    late it is imported."""
     import torch  # noqa: F401 - kclip's commands import it anyway
     from transformers.utils import logging as transformers_logging
 
@@ -117,6 +123,13 @@ def setup(verbose: bool = False) -> None:
     deepspeed = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _ToRoot) for f in deepspeed.filters):
         deepspeed.addFilter(_ToRoot())
+
+
+def parse_args(parser, argv: list[str]):
+    """A command's arguments, then `adopt_libraries` for the heavy work that follows."""
+    args = parser.parse_args(argv)
+    adopt_libraries()
+    return args
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import logging
 import os
 import shutil
 import socket
@@ -19,7 +20,10 @@ import time
 import torch
 import torch.distributed as dist
 
+import kclip
 from kclip import console
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -159,6 +163,7 @@ def init(timeout_s: float = 600.0, rendezvous_timeout_s: float | None = None) ->
     global _heartbeat
     if dist.is_initialized():
         return
+    began = time.monotonic()
     map_launcher_env()
     import deepspeed
 
@@ -180,6 +185,17 @@ def init(timeout_s: float = 600.0, rendezvous_timeout_s: float | None = None) ->
                         f"{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank()}")
     if world_size() > 1:
         _heartbeat = Heartbeat()
+    log_startup(f"DeepSpeed imported, process group of {world_size()} rank(s) started", began)
+
+
+def log_startup(done: str, began: float) -> float:
+    """Rank 0 logs a start-up phase as it ends, in one line: the seconds since the process started and the phase's
+    own (from `began`, a time.monotonic()). Returns the time it logged at, the next phase's start. Where a short run's
+    time goes before its first step; benchmarks/startup.py reads these lines."""
+    now = time.monotonic()
+    if is_main():
+        log.info("start-up %.2f s: %s in %.2f s", now - kclip.STARTED, done, now - began)
+    return now
 
 
 def describe_failure(error: BaseException) -> str | None:

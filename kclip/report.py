@@ -27,7 +27,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from kclip import console
-from kclip.train.metrics import read_metrics
 
 TIMES = ("data_ms", "teacher_ms", "student_ms", "kmeans_ms")
 NOT_METRICS = ("step", "time")
@@ -35,6 +34,10 @@ NOT_METRICS = ("step", "time")
 
 class Run:
     def __init__(self, folder: Path, name: str):
+        from kclip.train.metrics import (
+            read_metrics,  # its module imports torch: not before the arguments are parsed
+        )
+
         self.folder, self.name = folder, name
         if not (folder / "metrics.jsonl").is_file():
             raise FileNotFoundError(f"{folder}: no metrics.jsonl (not a kclip run folder)")
@@ -251,7 +254,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--concept-map-samples", type=int, default=2000)
     p.add_argument("--no-concept-map", action="store_true", help="skip the concept maps (they load the teacher)")
     console.add_verbose_flag(p)
-    args = p.parse_args(argv)
+    args = console.parse_args(p, argv)
     try:
         md = report(args.runs, args.out, data=args.data, concept_map_samples=args.concept_map_samples,
                     with_concept_map=not args.no_concept_map)

@@ -13,7 +13,14 @@ from test_teacher_cache import CAPTIONS, TINY, _batch, _cache
 
 from kclip.config import Config, ConfigError, TeacherConfig
 from kclip.config.schema import check_section
-from kclip.teacher.cache import STORAGE, decode_rows, embed_cached, encode_rows, norm_tolerance, open_cache
+from kclip.teacher.cache import (
+    STORAGE,
+    decode_rows,
+    embed_cached,
+    encode_rows,
+    norm_tolerance,
+    open_cache,
+)
 from kclip.teacher.model import build_teacher
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -14,7 +14,12 @@ from test_teacher_cache import CAPTIONS, TINY, _batch, _cache
 from test_train import REPO, _env
 
 from kclip.config import TeacherConfig
-from kclip.teacher.cache import TeacherCache, TeacherCacheError, embed_cached, encode_rows
+from kclip.teacher.cache import (
+    TeacherCache,
+    TeacherCacheError,
+    embed_cached,
+    encode_rows,
+)
 from kclip.teacher.model import build_teacher
 
 

@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def prepare_main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = console.parse_args(_parser(), argv)
     try:
         if args.format == "demo":
             stats = build_demo(args.out, tokenizer=args.tokenizer, workers=args.workers)

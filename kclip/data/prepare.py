@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
-from streaming import MDSWriter
 
 from kclip.console import progress
 from kclip.data.transforms import decode_checked
@@ -254,6 +253,10 @@ def _write_records(
     size_limit: int, max_pixels: int, desc: str, total: int | None,
 ) -> dict:
     """Shards, index.json and rejects.jsonl in `out`; return the stats."""
+    from streaming import (
+        MDSWriter,  # imports torch: here, not at the top, so `kclip prepare --help` answers at once
+    )
+
     columns = {"id": "str", "image": "bytes", "caption": "str", **{c: "str" for c in label_columns}}
     skipped, lengths, seen, multi_frame = Counter(), [], Counter(), 0
     chunks = _chunks(candidates, CHUNK)

@@ -6,12 +6,16 @@ is read, so what the converter accepts is exactly what the loader can use.
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from torchvision import transforms as T
+
+# torch, timm and torchvision are imported where the pixel transforms need them: `kclip prepare` decodes images with
+# this module (in every worker too) and starts without them.
+if TYPE_CHECKING:
+    import torch
+    from torchvision import transforms as T
 
 # Random crops keep at least 90% of the image: captions describe the whole picture, so a strong crop would cut away
 # what the caption names. No horizontal flip: captions say "left"/"right" (emoji names include "left arrow",
@@ -70,6 +74,9 @@ def decode_rgb(data: bytes) -> Image.Image:
 def image_transform(image_size: int, train: bool) -> T.Compose:
     """timm's CLIP recipe: train = RandomResizedCrop(scale 0.9-1, bicubic); eval = resize shorter side + center crop.
     Both end in ToTensor and CLIP mean/std normalisation: pixels = (x / 255 - mean) / std."""
+    from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from torchvision import transforms as T
+
     bicubic = T.InterpolationMode.BICUBIC
     if train:
         geometry = [T.RandomResizedCrop(image_size, scale=TRAIN_CROP_SCALE, interpolation=bicubic)]
@@ -87,6 +94,8 @@ def augmentation_seed(seed: int, epoch: int, index: int) -> int:
 def apply_seeded(transform, image: Image.Image, seed: int) -> torch.Tensor:
     """Run `transform` with torch's CPU RNG seeded to `seed`, restoring the caller's RNG state afterwards (with
     num_workers=0 the transform runs in the training process, whose RNG must not be disturbed)."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         # Only the CPU generator: torch.manual_seed would also reseed every CUDA generator (~0.26 ms per sample).
         torch.default_generator.manual_seed(seed)

@@ -16,30 +16,16 @@ few captions more or less decoded exactly).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kclip.console import progress
+from kclip.eval.protocol import ProbeConfig
 
 BOS, EOS, PAD = 256, 257, -100
 VOCAB = 258
-
-
-@dataclass
-class ProbeConfig:
-    steps: int = 1000
-    batch_size: int = 64
-    hidden: int = 256
-    layers: int = 2
-    lr: float = 2e-3
-    max_bytes: int = 128
-    seed: int = 0
-
-    def describe(self) -> str:
-        return "gru " + " ".join(f"{k}={v}" for k, v in asdict(self).items())
 
 
 class CaptionDecoder(nn.Module):

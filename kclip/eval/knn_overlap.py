@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from kclip import console, dist
+from kclip.eval.protocol import DEFAULT_K
 
-DEFAULT_K = 10
 BLOCK = 1024
 TEACHER_BATCH = 256
 

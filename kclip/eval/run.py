@@ -25,36 +25,16 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from kclip import console, dist
-from kclip.data.loader import build_loader
-from kclip.eval import attributes
-from kclip.eval.caption_em import ProbeConfig, caption_em
-from kclip.eval.knn_overlap import (
-    DEFAULT_K,
-    distinct_captions,
-    knn_overlap,
-    teacher_embeddings,
-)
-from kclip.eval.linear_probe import (
-    LAMBDAS,
-    VALIDATION_FRACTION,
-    holdout_mask,
-    linear_probe,
-)
-from kclip.eval.retrieval import group_ids, retrieval_metrics
-from kclip.eval.split import caption_key, embed_split
-from kclip.eval.zeroshot import (
-    DEFAULT_TEMPLATES,
-    label_targets,
-    load_templates,
-    zero_shot,
-)
+from kclip import console
+from kclip.eval.protocol import DEFAULT_K, DEFAULT_TEMPLATES, ProbeConfig
 from kclip.export.format import ModelLoadError
-from kclip.export.load import LoadedModel, load_model
-from kclip.train.checkpoint import CheckpointError
+
+# The probes and the model code import torch: each function imports what it uses, so that `kclip eval --help` and
+# argument errors answer at once.
+if TYPE_CHECKING:
+    from kclip.export.load import LoadedModel
 
 PROBES = ("retrieval", "zeroshot", "linear", "knn", "caption_em")
 # Without --probe-train, this fraction of --data (by image id / caption hash) is the probes' test side.
@@ -64,6 +44,8 @@ KNN_MAX_CAPTIONS = 5000
 
 def eval_loader(data_dir: str, loaded: LoadedModel, batch_size: int, label_columns, workers: int):
     """Every sample of `data_dir` once per rank share, in order, eval transform, ragged last batch kept."""
+    from kclip.data.loader import build_loader
+
     return build_loader(data_dir, batch_size=batch_size, image_size=loaded.cfg.student.image_size, train=False,
                         student_tokenizer=loaded.tokenizer.hf, student_max_len=loaded.tokenizer.max_len,
                         shuffle=False, num_workers=workers, label_columns=label_columns)
@@ -71,6 +53,8 @@ def eval_loader(data_dir: str, loaded: LoadedModel, batch_size: int, label_colum
 
 def per_image(emb: dict) -> dict:
     """The first record of every distinct image: image [m, d], key [m], labels {col: [m]}."""
+    from kclip.eval.retrieval import group_ids
+
     _, first = group_ids(emb["image_key"])
     rows = first.tolist()
     return {"image": emb["image"][first], "key": emb["image_key"][first],
@@ -79,6 +63,8 @@ def per_image(emb: dict) -> dict:
 
 def probe_sides(test_emb: dict, train_emb: dict | None) -> tuple[dict, dict]:
     """(train, test) image sets: --probe-train vs --data, or a fixed split of --data by image id."""
+    from kclip.eval.linear_probe import holdout_mask
+
     test = per_image(test_emb)
     if train_emb is not None:
         return per_image(train_emb), test
@@ -93,6 +79,9 @@ def probe_sides(test_emb: dict, train_emb: dict | None) -> tuple[dict, dict]:
 
 
 def linear_probes(train: dict, test: dict, columns) -> dict:
+    from kclip.eval.linear_probe import linear_probe
+    from kclip.eval.zeroshot import label_targets
+
     out = {}
     for col in columns:
         classes, targets = label_targets(train["labels"][col] + test["labels"][col])
@@ -103,6 +92,13 @@ def linear_probes(train: dict, test: dict, columns) -> dict:
 
 
 def caption_probe(loaded: LoadedModel, test_emb: dict, train_emb: dict | None, cfg: ProbeConfig) -> dict:
+    import torch
+
+    from kclip.eval.caption_em import caption_em
+    from kclip.eval.knn_overlap import distinct_captions
+    from kclip.eval.linear_probe import holdout_mask
+    from kclip.eval.split import caption_key
+
     def distinct(emb):
         rows = distinct_captions(emb["caption"])
         return emb["text"][rows], [emb["caption"][i] for i in rows]
@@ -135,6 +131,18 @@ def evaluate(loaded: LoadedModel, *, data: str | None, label_columns=(), templat
     """All evaluations; collective over ranks. Returns the metrics on rank 0, None elsewhere.
     The kNN probe uses the run's teacher, or `teacher` (a model path) instead, e.g. to compare a plain-CLIP run
     with the teacher a Knowledge-CLIP run distilled from."""
+    from kclip import dist
+    from kclip.eval import attributes
+    from kclip.eval.knn_overlap import (
+        distinct_captions,
+        knn_overlap,
+        teacher_embeddings,
+    )
+    from kclip.eval.linear_probe import LAMBDAS, VALIDATION_FRACTION
+    from kclip.eval.retrieval import group_ids, retrieval_metrics
+    from kclip.eval.split import embed_split
+    from kclip.eval.zeroshot import zero_shot
+
     caption_cfg = caption_cfg or ProbeConfig()
     metrics: dict = {"protocol/checkpoint": loaded.source}
     teacher_cfg = teacher_config(loaded, teacher)
@@ -214,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+    args = console.parse_args(parser(), argv)
     unknown = set(args.skip) - set(PROBES)
     if unknown:
         print(f"kclip eval: error: --skip: unknown {sorted(unknown)}; choose from {','.join(PROBES)}", file=sys.stderr)
@@ -222,6 +230,11 @@ def main(argv: list[str]) -> int:
     if not (args.data or args.awa2 or args.cub):
         print("kclip eval: error: nothing to evaluate: give --data and/or --awa2/--cub", file=sys.stderr)
         return 2
+    from kclip import dist
+    from kclip.eval.zeroshot import load_templates
+    from kclip.export.load import load_model
+    from kclip.train.checkpoint import CheckpointError
+
     try:
         templates = load_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
         dist.map_launcher_env()

@@ -12,17 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kclip.eval.protocol import DEFAULT_TEMPLATES
 from kclip.export.load import TextTokenizer, encode_texts
-
-DEFAULT_TEMPLATES = (
-    "{}",
-    "a photo of a {}.",
-    "a picture of a {}.",
-    "an image of a {}.",
-    "a drawing of a {}.",
-    "an emoji of {}.",
-    "a photo of the {}.",
-)
 
 
 def load_templates(path: str | Path) -> list[str]:

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kclip import console, dist
+from kclip import console
 from kclip.export.format import ModelLoadError
-from kclip.export.load import embed_image_files, encode_texts, load_model
-from kclip.train.checkpoint import CheckpointError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
@@ -38,7 +36,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="output .npy")
     p.add_argument("--batch-size", type=int, default=64)
     console.add_verbose_flag(p)
-    args = p.parse_args(argv)
+    args = console.parse_args(p, argv)
+    # The model code imports torch: after parsing, so that --help and argument errors answer at once.
+    from kclip import dist
+    from kclip.export.load import embed_image_files, encode_texts, load_model
+    from kclip.train.checkpoint import CheckpointError
+
     out = Path(args.out)
     try:
         loaded = load_model(args.model, dist.device())

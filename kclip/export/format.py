@@ -14,10 +14,14 @@ Written by `kclip export` (save.py), read by `kclip.load(OUT)` -> (model, tokeni
 """
 from __future__ import annotations
 
-from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from torchvision import transforms as T
+from typing import TYPE_CHECKING
 
 from kclip.data.transforms import to_rgb
+
+# timm and torchvision are imported where used: `kclip export`, `embed` and `eval` import this module before they parse
+# their arguments, and their --help must not wait for torch.
+if TYPE_CHECKING:
+    from torchvision import transforms as T
 
 FORMAT_VERSION = 1
 EXPORT_SPEC = "kclip_model.yaml"
@@ -34,12 +38,16 @@ class ModelLoadError(ValueError):
 
 def preprocess_spec(image_size: int) -> dict:
     """The evaluation transform of kclip.data.transforms, as data (written to preprocess.json on export)."""
+    from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
     return {"image_size": image_size, "resize": "shorter_side", "interpolation": "bicubic", "crop": "center",
             "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD), "transparent_background": "white"}
 
 
 def build_preprocess(spec: dict) -> T.Compose:
     """PIL image -> normalised pixels [3, s, s], from a preprocess.json spec."""
+    from torchvision import transforms as T
+
     if (spec["resize"], spec["interpolation"], spec["crop"]) != ("shorter_side", "bicubic", "center"):
         raise ModelLoadError(f"unsupported preprocessing {spec}")
     size = spec["image_size"]

@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -24,9 +25,11 @@ from kclip.export.format import (
     FORMAT_VERSION,
     ModelLoadError,
 )
-from kclip.export.load import LoadedModel, load_model
-from kclip.models.student import HFCLIPStudent
-from kclip.train.checkpoint import CheckpointError
+
+# The model code (torch, transformers) is imported where used, so that `kclip export --help` answers at once.
+if TYPE_CHECKING:
+    from kclip.export.load import LoadedModel
+    from kclip.models.student import HFCLIPStudent
 
 
 def truncating_at(tokenizer, max_len: int):
@@ -54,6 +57,8 @@ def write_hf(student: HFCLIPStudent, max_log_scale: float, tokenizer, preprocess
 
 def export_model(loaded: LoadedModel, out: str | Path) -> Path:
     """Write `loaded` as an export folder at `out` (which must not exist or be empty)."""
+    from kclip.models.student import HFCLIPStudent
+
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
@@ -81,6 +86,8 @@ def export_model(loaded: LoadedModel, out: str | Path) -> Path:
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
+    from kclip.export.load import load_model
+
     return export_model(load_model(checkpoint, "cpu"), out)
 
 
@@ -89,7 +96,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("checkpoint", help="run folder, checkpoint step folder or exported folder")
     parser.add_argument("out", help="output folder (absent or empty)")
     console.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
+    args = console.parse_args(parser, argv)
+    from kclip.train.checkpoint import CheckpointError
+
     try:
         out = export(args.checkpoint, args.out)
     except (ModelLoadError, CheckpointError, OSError, ValueError) as e:

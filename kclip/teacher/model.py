@@ -23,7 +23,12 @@ from kclip import dist
 from kclip.config import ConfigError, TeacherConfig
 from kclip.config.preflight import check_teacher, weight_files
 from kclip.ds_config import load_template
-from kclip.tokenizers import RANDOM_TEACHER_TOKENIZER, load_tokenizer, split_gguf
+from kclip.tokenizers import (
+    RANDOM_TEACHER_TOKENIZER,
+    gguf_config,
+    load_tokenizer,
+    split_gguf,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +99,7 @@ def _model_config(cfg: TeacherConfig):
         return LlamaConfig(**cfg.random_config)
     folder, gguf_file = split_gguf(cfg.path)
     with _reading(cfg.path):
-        return AutoConfig.from_pretrained(folder, gguf_file=gguf_file) if gguf_file else AutoConfig.from_pretrained(folder)
+        return gguf_config(cfg.path) if gguf_file else AutoConfig.from_pretrained(folder)
 
 
 def _load_module(cfg: TeacherConfig, model_config, dtype: torch.dtype, ds_config: dict | None) -> torch.nn.Module:

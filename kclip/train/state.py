@@ -3,6 +3,7 @@ from a checkpoint, and the `Checkpointer` that decides when to save it."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,10 +48,13 @@ def setup(cfg: Config, run_dir: Path, *, load_universal: bool) -> Run:
     """Teacher, student engine, loader, teacher cache and concept bank (collective)."""
     import deepspeed
 
+    began = time.monotonic()
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     # The teacher loads first: its hidden size shapes the projector, and it unsets its ZeRO-3 context before the
     # student is built, so the student is never partitioned.
     teacher = build_teacher(cfg.teacher) if cfg.needs_teacher else None
+    if teacher is not None:
+        began = dist.log_startup("teacher built", began)
     tokenizer = student_tokenizer(cfg)
     model = KnowledgeCLIP(cfg, tokenizer, teacher.hidden_size if teacher else None)
     init_token_embeddings(model.student, cfg.student, teacher)
@@ -60,6 +64,7 @@ def setup(cfg: Config, run_dir: Path, *, load_universal: bool) -> Run:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds_config)
     if cfg.train.compile:
         engine.compile()
+    began = dist.log_startup("student and its DeepSpeed engine built", began)
     loader = build_loader(
         cfg.data.train, batch_size=engine.train_micro_batch_size_per_gpu(), image_size=cfg.student.image_size,
         train=True, student_tokenizer=tokenizer, student_max_len=cfg.student.text_max_len,
@@ -68,6 +73,7 @@ def setup(cfg: Config, run_dir: Path, *, load_universal: bool) -> Run:
         num_canonical_nodes=cfg.data.num_canonical_nodes,
     )
     cache = open_cache(cfg, teacher, run_dir) if teacher is not None and cfg.teacher.cache else None
+    dist.log_startup("training loader and teacher cache opened", began)
     return Run(cfg, run_dir, engine, tokenizer, loader, KnowledgeCLIPTask(cfg, engine, teacher=teacher, cache=cache))
 
 
