@@ -59,9 +59,11 @@ def faiss_kmeans(x: torch.Tensor, k: int, *, niter: int, seed: int, spherical: b
                  init: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """faiss's k-means of the rows of `x` [n, d] on the CPU: (centroids [k, d] float32 on x's device, splits)."""
     rows = np.ascontiguousarray(x.detach().float().cpu().numpy())
-    # A cap of n / k points per centroid keeps faiss from subsampling: every row given is clustered.
+    # A cap of n / k points per centroid keeps faiss from subsampling: every row given is clustered. A floor of 1
+    # silences faiss's "please provide at least 39 x k training points", printed from C++ straight to the console:
+    # the bank fits on what the warm-up gathered, by design (and the floor changes nothing else in faiss).
     kmeans = faiss.Kmeans(rows.shape[1], k, niter=niter, seed=seed, spherical=spherical,
-                          max_points_per_centroid=math.ceil(len(rows) / k))
+                          max_points_per_centroid=math.ceil(len(rows) / k), min_points_per_centroid=1)
     kmeans.train(rows, init_centroids=None if init is None else init.detach().float().cpu().numpy())
     splits = int(sum(s["nsplit"] for s in kmeans.iteration_stats))
     return torch.from_numpy(kmeans.centroids).to(x.device), splits
