@@ -175,9 +175,13 @@ def init(timeout_s: float = 600.0, rendezvous_timeout_s: float | None = None) ->
             deepspeed.init_distributed(timeout=datetime.timedelta(seconds=rendezvous_timeout_s), verbose=False)
     except (dist.DistStoreError, dist.DistNetworkError) as e:
         first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        if "EADDRINUSE" in str(e):  # rank 0 could not host the rendezvous: nothing to do with the others
+            raise RendezvousError(f"rank {os.environ['RANK']}: MASTER_PORT {os.environ['MASTER_PORT']} is already in "
+                                  f"use on this host (another job?): choose another port") from e
         raise RendezvousError(
-            f"rank {os.environ['RANK']}: not every rank joined {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
-            f"within {rendezvous_timeout_s:g} s (dist.rendezvous_timeout_s): {first_line}") from e
+            f"rank {os.environ['RANK']}: not every rank joined {where} within {rendezvous_timeout_s:g} s "
+            f"(dist.rendezvous_timeout_s): {first_line}") from e
     dist.set_timeout(datetime.timedelta(seconds=timeout_s))
     if uses_cpu_accelerator():
         # At any interpreter exit, error exits included (a SIGKILL leaves it: tests and benchmarks sweep by port).

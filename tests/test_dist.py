@@ -104,3 +104,24 @@ def test_a_rank_that_never_joins_fails_the_start_in_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kclip: error:")]
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
     assert "not every rank joined" in errors[0] and "dist.rendezvous_timeout_s" in errors[0], errors
+
+
+def test_a_port_in_use_is_named_not_blamed_on_the_other_ranks(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from shapes import make_shapes_mds
+
+    data = make_shapes_mds(tmp_path / "shapes", n=32)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "kclip.cli", "train", "--config", "smoke", "--output", str(tmp_path / "run"),
+               f"data.train={data}"]
+        env = dict(_rank_env(0, port), WORLD_SIZE="1", LOCAL_SIZE="1")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("kclip: error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+    assert f"MASTER_PORT {port} is already in use" in errors[0], errors
