@@ -149,6 +149,7 @@ def main() -> None:
     info = machine()
     env = bench_env(args.threads)
     extensions = env.get("TORCH_EXTENSIONS_DIR", "unset: torch's default under ~/.cache/torch_extensions")
+    extensions = extensions.replace(str(Path.home()), "~", 1)
     with tempfile.TemporaryDirectory(prefix="kclip-startup-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         trees = {"this": ROOT}
@@ -156,6 +157,8 @@ def main() -> None:
             trees["base"] = stack.enter_context(worktree(args.base))
         with contextlib.redirect_stdout(io.StringIO()):  # `kclip prepare`'s statistics
             data = {"smoke": [f"data.train={make_shapes_mds(work / 'shapes')}"]}
+        commits = {name: subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True,
+                                        text=True).stdout.strip() for name, tree in trees.items()}
         commands = {name: command_seconds(tree, args.command_repeats) for name, tree in trees.items()}
         runs = []
         for r in range(args.rounds):
@@ -185,6 +188,7 @@ def main() -> None:
                     [[c, median(v["to first step"]), median(v["total"])] for c, v in ratios.items()], digits=3)
     write_json(args.json, {
         "benchmark": "startup", "machine": info, "args": {k: v for k, v in vars(args).items() if k != "json"},
+        "commits": commits,
         "torch_extensions_dir": "empty per run" if args.cold_op else extensions, "commands_s": commands,
         "median_s": [dict(zip(["config", "tree", *PHASES], row)) for row in rows], "ratios_per_round": ratios,
         "runs": runs,
