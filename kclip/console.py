@@ -96,9 +96,6 @@ def setup(verbose: bool = False) -> None:
         # It takes its warning filters from the environment when it starts, before any segment exists.
         filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
         os.environ["PYTHONWARNINGS"] = ",".join(dict.fromkeys([*filters, TRACKER_FILTER]))
-    elif TRACKER_FILTER in os.environ.get("PYTHONWARNINGS", ""):  # an earlier quiet command of this process set it
-        filters = [f for f in os.environ["PYTHONWARNINGS"].split(",") if f and f != TRACKER_FILTER]
-        os.environ["PYTHONWARNINGS"] = ",".join(filters)
     root = logging.getLogger()
     for handler in _handlers:
         root.removeHandler(handler)

@@ -94,7 +94,9 @@ LEAK = ("import os, sys; from multiprocessing import shared_memory; from kclip i
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_the_resource_trackers_exit_warnings_show_only_with_verbose(verbose):
-    proc = subprocess.run([sys.executable, "-c", LEAK, "verbose" if verbose else "quiet"], env=_env(), cwd=REPO,
+    # Without the filter an in-process quiet command of this test session may have left in os.environ.
+    env = {k: v for k, v in _env().items() if k != "PYTHONWARNINGS"}
+    proc = subprocess.run([sys.executable, "-c", LEAK, "verbose" if verbose else "quiet"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0 and ("leaked shared_memory" in proc.stderr) == verbose, proc.stderr
 
