@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
-import shlex
 import re
+import shlex
 import subprocess
 import sys
 import tarfile
