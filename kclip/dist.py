@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -79,10 +80,14 @@ def map_launcher_env(env: dict | None = None) -> None:
 class Heartbeat:
     """Each rank bumps a counter in the rendezvous store (hosted by rank 0) every `interval` seconds from a daemon
     thread. When a collective fails, the survivors can then name the rank that died instead of printing a transport
-    error: a lost rank's counter stops moving; an unreachable store means rank 0 itself is gone."""
+    error: a lost rank's counter stops moving; an unreachable store means rank 0 itself is gone.
 
-    def __init__(self, interval: float = 1.0):
-        self.interval = interval
+    The same thread is a watchdog: a survivor can also wait where no collective timeout reaches it, e.g. in
+    streaming's shared-memory barrier between the local ranks at an epoch start, forever. When a peer's counter has not
+    moved for `watch_s` (dist.timeout_s), the watchdog ends this process with one line, exit 1."""
+
+    def __init__(self, watch_s: float, interval: float = 1.0):
+        self.interval, self.watch_s = interval, watch_s
         self._store = self._connect()
         self._thread = threading.Thread(target=self._beat, name="kclip-heartbeat", daemon=True)
         self._thread.start()
@@ -93,12 +98,24 @@ class Heartbeat:
                              timeout=datetime.timedelta(seconds=10))
 
     def _beat(self) -> None:
-        key = f"kclip/heartbeat/{rank()}"
+        key, keys = f"kclip/heartbeat/{rank()}", [f"kclip/heartbeat/{r}" for r in range(world_size())]
+        seen: dict[int, tuple[int, float]] = {}  # rank -> (its counter, when it last moved)
+        last_reply = time.monotonic()
         while True:
+            now = time.monotonic()
             try:
                 self._store.add(key, 1)
-            except Exception:  # noqa: BLE001 - the store is gone with rank 0; lost_ranks() reports that
-                return
+                counts = [int(self._store.add(k, 0)) for k in keys]
+                last_reply = now
+            except Exception:  # noqa: BLE001 - the store is gone with rank 0
+                counts = None
+            if counts is None:
+                lost = [0] if now - last_reply > self.watch_s else []
+            else:
+                seen = {r: (c, now if seen.get(r, (None,))[0] != c else seen[r][1]) for r, c in enumerate(counts)}
+                lost = [r for r, (_, moved) in seen.items() if r != rank() and now - moved > self.watch_s]
+            if lost:
+                _exit_lost(lost, self.watch_s)
             time.sleep(self.interval)
 
     def lost_ranks(self) -> list[int]:
@@ -188,7 +205,7 @@ def init(timeout_s: float = 600.0, rendezvous_timeout_s: float | None = None) ->
         atexit.register(_remove_own_shm_buffer, f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
                         f"{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank()}")
     if world_size() > 1:
-        _heartbeat = Heartbeat()
+        _heartbeat = Heartbeat(watch_s=timeout_s)
     log_startup(f"DeepSpeed imported, process group of {world_size()} rank(s) started", began)
 
 
@@ -214,6 +231,14 @@ def describe_failure(error: BaseException) -> str | None:
     who = f"rank(s) {', '.join(map(str, lost))} stopped responding" if lost else "a peer rank failed"
     first_line = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
     return f"rank {rank()}: a collective failed because {who} ({first_line}); resume with --resume latest"
+
+
+def _exit_lost(lost: list[int], waited_s: float) -> None:
+    """The watchdog's end of a run whose peer died: one line, this rank's shared-memory buffer removed, exit 1."""
+    print(f"kclip: error: rank {rank()}: rank(s) {', '.join(map(str, lost))} stopped responding (no heartbeat for "
+          f"{waited_s:g} s, dist.timeout_s); resume with --resume latest", file=sys.stderr, flush=True)
+    atexit._run_exitfuncs()  # the atexit work (DeepSpeed's shm buffer) that os._exit would skip
+    os._exit(1)  # the main thread may be blocked where no exception can reach it
 
 
 def rank() -> int:

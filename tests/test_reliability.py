@@ -36,7 +36,10 @@ def test_survivor_names_the_killed_rank_and_exits(shapes, tmp_path):
     code = procs[0].wait(timeout=90)
     err = procs[0].stderr.read()
     assert code == 1 and time.time() - start < 45
-    assert "kclip: error: rank 0: a collective failed because rank(s) 1 stopped responding" in err, err[-2000:]
+    # From the failed collective, or from the heartbeat watchdog when rank 0 waited where no collective timeout
+    # reaches (streaming's barrier between local ranks at an epoch start).
+    errors = [line for line in err.splitlines() if line.startswith("kclip: error: rank 0: ")]
+    assert len(errors) == 1 and "rank(s) 1 stopped responding" in errors[0], err[-2000:]
 
 
 @pytest.fixture(scope="module")

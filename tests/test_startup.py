@@ -69,6 +69,7 @@ def test_trainer_logs_every_start_up_phase_the_benchmark_reads(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import startup
     from shapes import make_shapes_mds
+    from test_train import _env
 
     from kclip.train.metrics import read_metrics
 
@@ -76,7 +77,9 @@ def test_trainer_logs_every_start_up_phase_the_benchmark_reads(tmp_path):
     cmd = [sys.executable, "-m", "kclip.cli", "train", "--config", "smoke", "--output", str(run), f"data.train={data}",
            *startup.OVERRIDES]
     launched = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # _env(): without the launcher variables an in-process command earlier in the session left in os.environ (a
+    # MASTER_PORT picked then may be taken now).
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     total = time.time() - launched
     assert proc.returncode == 0, proc.stderr[-3000:]
     step1 = next(row for row in read_metrics(run) if row.get("step") == 1 and "data_ms" in row)
