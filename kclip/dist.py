@@ -205,7 +205,8 @@ def init(timeout_s: float = 600.0, rendezvous_timeout_s: float | None = None) ->
         atexit.register(_remove_own_shm_buffer, f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
                         f"{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank()}")
     if world_size() > 1:
-        _heartbeat = Heartbeat(watch_s=timeout_s)
+        # Heartbeats come a second apart: a watchdog tighter than ten of them would take jitter for a death.
+        _heartbeat = Heartbeat(watch_s=max(timeout_s, 10.0))
     log_startup(f"DeepSpeed imported, process group of {world_size()} rank(s) started", began)
 
 
