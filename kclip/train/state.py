@@ -41,7 +41,6 @@ class Run:
     counters: dict = field(default_factory=lambda: {"skipped_nonfinite": 0, "replaced_samples": 0,
                                                    "truncated_captions": 0, "samples": 0})
     start_step: int = 0
-    resumed: bool = False
 
 
 def setup(cfg: Config, run_dir: Path, *, load_universal: bool) -> Run:
@@ -86,7 +85,7 @@ def restore(run: Run, tag_dir: Path, *, elastic: bool, allow_config_change: bool
     changed = [c for c in changed if not c.startswith(("train.steps", "checkpoint.", "log.", "eval.", "dist."))]
     if changed and not allow_config_change:
         raise TrainingError("resuming with a changed config (pass --allow-config-change to accept): " + "; ".join(changed))
-    run.start_step, run.resumed = client["step"], True
+    run.start_step = client["step"]
     run.loader.load_state_dict(client["loader"])
     run.counters.update(client["counters"])
     task = run.task
@@ -134,8 +133,9 @@ class Checkpointer:
             self.save(step)
 
     def save_final(self) -> None:
-        """The end of training, unless this process resumed an already finished run and trained nothing."""
-        if self.run.start_step < self.steps or not self.run.resumed:
+        """The end of training, unless this process resumed an already finished run and trained nothing (a fresh
+        run starts at step 0 < steps; a checkpoint is never taken at step 0)."""
+        if self.run.start_step < self.steps:
             self.save(self.steps)
 
     def save(self, step: int) -> None:
