@@ -164,3 +164,29 @@ def write_json(path: str | Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     print(f"wrote {path}")
+
+
+def export_split(mds_dir: str, out: Path, context: int, captions: str) -> Path:
+    """Demo MDS split -> out/images/*.png (RGB) + out/train.tsv; returns the TSV path."""
+    from streaming import StreamingDataset
+
+    from kclip import dist
+    from kclip.data.transforms import decode_rgb
+
+    tsv = out / "train.tsv"
+    if tsv.is_file():
+        return tsv
+    dist.map_launcher_env()
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    ds = StreamingDataset(local=mds_dir, shuffle=False, batch_size=1)
+    lines = ["filepath\ttitle"]
+    for i in range(ds.num_samples):
+        record = ds.get_item(i)
+        path = out / "images" / f"{i:05d}.png"
+        decode_rgb(record["image"]).save(path)
+        text = " ".join(record["caption"].split())  # no tabs or newlines inside a TSV field
+        if captions == "long":
+            text = " ".join([text] * (context // max(1, len(text)) + 1))
+        lines.append(f"{path}\t{text}")
+    tsv.write_text("\n".join(lines) + "\n")
+    return tsv

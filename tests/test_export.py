@@ -14,7 +14,7 @@ from PIL import Image
 
 import kclip
 from kclip.config import load_config
-from kclip.data.transforms import image_transform
+from kclip.data.transforms import eval_pixels, normalize
 from kclip.export import embed
 from kclip.export.format import preprocess_spec
 from kclip.export.load import (
@@ -56,7 +56,8 @@ def test_export_reloads_with_identical_embeddings_and_preprocessing(runs, tmp_pa
         assert torch.equal(model.encode_image(pixels), source.model.encode_image(pixels))
     # The exported preprocessing is the training pipeline's evaluation transform (transparency onto white).
     white = Image.alpha_composite(Image.new("RGBA", (40, 30), (255,) * 4), rgba_image()).convert("RGB")
-    assert torch.equal(pixels[0], image_transform(source.cfg.student.image_size, train=False)(white))
+    loader_pixels = normalize(torch.from_numpy(np.stack([eval_pixels(white, source.cfg.student.image_size)])))
+    assert torch.equal(pixels, loader_pixels)
     assert export_main([str(runs["kc"]), str(out)]) == 2  # refuses to overwrite
 
 

@@ -6,6 +6,7 @@ is read, so what the converter accepts is exactly what the loader can use.
 from __future__ import annotations
 
 import io
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,7 +16,6 @@ from PIL import Image
 # this module (in every worker too) and starts without them.
 if TYPE_CHECKING:
     import torch
-    from torchvision import transforms as T
 
 # Random crops keep at least 90% of the image: captions describe the whole picture, so a strong crop would cut away
 # what the caption names. No horizontal flip: captions say "left"/"right" (emoji names include "left arrow",
@@ -71,32 +71,63 @@ def decode_rgb(data: bytes) -> Image.Image:
     return decode_checked(data)[0]
 
 
-def image_transform(image_size: int, train: bool) -> T.Compose:
-    """timm's CLIP recipe: train = RandomResizedCrop(scale 0.9-1, bicubic); eval = resize shorter side + center crop.
-    Both end in ToTensor and CLIP mean/std normalisation: pixels = (x / 255 - mean) / std."""
-    from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    from torchvision import transforms as T
-
-    bicubic = T.InterpolationMode.BICUBIC
-    if train:
-        geometry = [T.RandomResizedCrop(image_size, scale=TRAIN_CROP_SCALE, interpolation=bicubic)]
+def train_crop_box(width: int, height: int, draws) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop: torchvision's `RandomResizedCrop.get_params` (scale TRAIN_CROP_SCALE, aspect
+    ratio 3/4-4/3 log-uniform, up to 10 tries, then a centre crop) with its random numbers taken from `draws`, 40
+    uniforms in [0, 1) (4 per try: area, log aspect ratio, top, left). Same algorithm, so the same distribution of
+    crops; only the generator differs."""
+    area = width * height
+    log_lo, log_hi = math.log(3 / 4), math.log(4 / 3)
+    lo, hi = TRAIN_CROP_SCALE
+    for attempt in range(10):
+        u_area, u_ratio, u_top, u_left = draws[4 * attempt: 4 * attempt + 4]
+        target_area = area * (lo + (hi - lo) * u_area)
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u_ratio)
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
+    # torchvision's fallback: the largest centred crop within the ratio range.
+    in_ratio = width / height
+    if in_ratio < 3 / 4:
+        w, h = width, int(round(width / (3 / 4)))
+    elif in_ratio > 4 / 3:
+        h, w = height, int(round(height * (4 / 3)))
     else:
-        geometry = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
-    return T.Compose([*geometry, T.ToTensor(), T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)])
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
-def augmentation_seed(seed: int, epoch: int, index: int) -> int:
-    """One seed per (run seed, epoch, sample): a resumed run crops every sample exactly as an uninterrupted run would,
-    independent of worker count, and each epoch sees new crops."""
-    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % (2**63)
+def crop_draws(seed: int, epoch: int, index: int) -> np.ndarray:
+    """The 40 uniforms of sample `index`'s crop in `epoch`: a counter-based generator (Philox) keyed by (seed, epoch)
+    at counter `index`. Computed from the three numbers alone, so a resumed run and any worker count crop every sample
+    exactly as an uninterrupted run would, without touching (or forking) any global RNG."""
+    bits = np.random.Philox(key=[seed % 2**64, epoch], counter=[0, 0, 0, index]).random_raw(40)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def apply_seeded(transform, image: Image.Image, seed: int) -> torch.Tensor:
-    """Run `transform` with torch's CPU RNG seeded to `seed`, restoring the caller's RNG state afterwards (with
-    num_workers=0 the transform runs in the training process, whose RNG must not be disturbed)."""
+def train_pixels(image: Image.Image, image_size: int, draws) -> np.ndarray:
+    """The training crop resized to image_size x image_size (bicubic), as uint8 HWC; `normalize` finishes it."""
+    top, left, h, w = train_crop_box(image.width, image.height, draws)
+    crop = image.crop((left, top, left + w, top + h)).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(crop)
+
+
+def eval_pixels(image: Image.Image, image_size: int) -> np.ndarray:
+    """Shorter side resized to image_size (bicubic), centre crop, as uint8 HWC: torchvision's Resize + CenterCrop."""
+    from torchvision.transforms import functional as F
+
+    image = F.center_crop(F.resize(image, image_size, interpolation=F.InterpolationMode.BICUBIC), image_size)
+    return np.asarray(image)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 images [B, H, W, 3] -> float [B, 3, H, W] = (x / 255 - mean) / std with CLIP's mean and std, in one pass
+    over the batch. The same float32 operations in the same order as torchvision's ToTensor + Normalize per image, so
+    the values are bitwise theirs."""
     import torch
+    from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    with torch.random.fork_rng(devices=[]):
-        # Only the CPU generator: torch.manual_seed would also reseed every CUDA generator (~0.26 ms per sample).
-        torch.default_generator.manual_seed(seed)
-        return transform(image)
+    mean = torch.tensor(OPENAI_CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return pixels.permute(0, 3, 1, 2).contiguous().float().div_(255).sub_(mean).div_(std)
