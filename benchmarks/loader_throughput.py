@@ -132,7 +132,7 @@ def main() -> None:
     print_table(["round", "kclip CPU", "open_clip CPU", "kclip/open_clip", "kclip wall", "open_clip wall"], table,
                 digits=2)
     print(f"median CPU ratio over rounds {ratio:.3f} (target <= {TARGET})")
-    write_json(args.json, {"benchmark": "loader_throughput", "machine": info, "args": vars(args), "rounds": rounds,
+    write_json(args.json, {"benchmark": "loader_throughput", "machine": info, "args": {k: v for k, v in vars(args).items() if k not in ("work", "json")}, "rounds": rounds,
                            "median_cpu_ratio": ratio, "target": TARGET})
 
 

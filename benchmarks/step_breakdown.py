@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from common import (
+    PLAIN_CLIP,
     RESULTS,
     ROOT,
     bench_env,
@@ -45,7 +46,6 @@ from common import (
     write_json,
 )
 
-PLAIN = ["loss.distill_weight=0", "loss.concept_weight=0"]
 PHASES = ("data_ms", "teacher_ms", "student_ms")
 RATIO_TARGET = 1.15
 
@@ -116,7 +116,7 @@ def student_phases(config: str, overrides: list[str], teacher_dim: int, iters: i
     from kclip.train.task import KnowledgeCLIPTask
 
     dist.init()
-    cfgs = {"kclip": load_config(config, overrides), "plain": load_config(config, overrides + PLAIN)}
+    cfgs = {"kclip": load_config(config, overrides), "plain": load_config(config, overrides + PLAIN_CLIP)}
     cfg = cfgs["kclip"]
     tokenizer = student_tokenizer(cfg)
     batch = next(iter(build_loader(
@@ -218,7 +218,7 @@ def main() -> None:
             steps = args.cold_steps if r == 0 else args.warm_steps
             common = base_overrides(steps) + args.overrides
             kclip_runs.append(train_run(f"kclip_{r}", args.config, common + cache, work, env, args.timeout))
-            plain_runs.append(train_run(f"plain_{r}", args.config, common + PLAIN, work, env, args.timeout))
+            plain_runs.append(train_run(f"plain_{r}", args.config, common + PLAIN_CLIP, work, env, args.timeout))
         meta = next((work / "teacher_cache").glob("*/node0/meta.json"))
         teacher_dim = json.loads(meta.read_text())["dim"]
     micro = student_phases(args.config, args.overrides, teacher_dim, args.micro_iters, fits=3)

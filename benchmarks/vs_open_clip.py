@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from common import (
+    PLAIN_CLIP,
     RESULTS,
     ROOT,
     bench_env,
@@ -58,7 +59,8 @@ from common import (
 )
 
 TARGET = 1.05
-PLAIN = ["loss.distill_weight=0", "loss.concept_weight=0"]
+# The byte tokenizer: the vocabulary both trainers can hold without the teacher (open_clip reads it as an HFTokenizer).
+PLAIN = [*PLAIN_CLIP, "student.tokenizer=byte"]
 TIMM_NAME = "kclip_bench_vit"
 OPEN_CLIP_STEP = re.compile(r"Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+)")
 DEFAULT_VENV_PYTHON = ROOT / "benchmarks" / ".venv" / "bin" / "python"
@@ -269,7 +271,7 @@ def open_clip_args(cfg, tsv: Path, model_dir: Path, logs: Path, name: str, args)
 
 def kclip_overrides(cfg, mds: Path, steps: int) -> list[str]:
     return [f"data.train={mds}", "data.val=null", f"train.steps={steps}", "log.every=1", "log.tensorboard=false",
-            "loss.distill_weight=0", "loss.concept_weight=0", f"checkpoint.every={10 * steps}"]
+            *PLAIN, f"checkpoint.every={10 * steps}"]
 
 
 def open_clip_steps(log: Path) -> list[dict]:

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaModel
 
 from kclip.config import ConfigError, StudentConfig, TeacherConfig
 from kclip.teacher import fetch
-from kclip.teacher.model import build_teacher, pack_right, pack_rows, teacher_ds_config
+from kclip.teacher.model import Teacher, build_teacher, pack_right, pack_rows, teacher_ds_config
 from kclip.tokenizers import load_tokenizer
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -207,6 +207,38 @@ def test_pack_rows_is_first_fit_decreasing():
     # longest first; each caption into the first row with room: 5+1 | 3+3 | 2
     assert pack_rows(torch.tensor([5, 3, 3, 2, 1]), 6) == [[0, 4], [1, 2], [3]]
     assert pack_rows(torch.tensor([4, 4]), 4) == [[0], [1]]
+
+
+class TokenEcho(Teacher):
+    """A Teacher whose "model" returns, per token, (its id, its position id): pooling then shows which tokens of which
+    row, at which positions, entered each caption's embedding."""
+
+    def _forward(self, ids, mask, position_ids=None):
+        self.forwards += 1
+        positions = torch.arange(ids.shape[1]).expand_as(ids) if position_ids is None else position_ids
+        return torch.stack([ids.float(), positions.float()], dim=-1)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_rows_lay_out_each_caption_at_its_own_positions(packing, pooling):
+    """The vectorised row building: every caption's tokens, at positions 0..n-1 (restarting per packed caption), pool
+    into its embedding; a leading BOS is skipped by mean pooling; nothing else enters."""
+    bos, pad = 1, 0
+    tokenizer = type("Tok", (), {"pad_token_id": pad, "bos_token_id": bos})()
+    cfg = TeacherConfig(pooling=pooling, normalize=False, max_len=12, chunk_size=3, packing=packing)
+    teacher = TokenEcho(None, tokenizer, cfg, hidden_size=2, fingerprint="", sharded=False)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 13, (23,), generator=g)
+    ids = torch.randint(2, 50, (23, 12), generator=g)
+    ids[::2, 0] = bos
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    got = teacher.embed(ids * mask, mask)
+    for c, n in enumerate(lengths.tolist()):
+        first = (1 if ids[c, 0] == bos and n > 1 else 0) if pooling == "mean" else n - 1
+        kept = torch.arange(first, n)
+        assert got[c].tolist() == pytest.approx([float(ids[c, kept].float().mean()), float(kept.float().mean())])
+    assert teacher.forwards == (math.ceil(len(pack_rows(lengths, 12)) / 3) if packing else math.ceil(23 / 3))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -200,6 +200,16 @@ def pack_rows(lengths: torch.Tensor, capacity: int) -> list[list[int]]:
     return rows
 
 
+def _row_layout(rows: list[list[int]], lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(captions, row, offset): the captions of `rows` in row order, each caption's row and its first token's column
+    (the lengths of the captions before it in its row)."""
+    sizes = torch.tensor([len(row) for row in rows])
+    captions = torch.tensor([c for row in rows for c in row], dtype=torch.long)
+    row_of = torch.repeat_interleave(torch.arange(len(rows)), sizes)
+    before = torch.cumsum(lengths[captions], 0) - lengths[captions]  # tokens before each caption, all rows
+    return captions, row_of, before - before[torch.cumsum(sizes, 0) - sizes][row_of]
+
+
 class Teacher:
     """A frozen decoder that turns token ids into pooled caption embeddings.
 
@@ -288,30 +298,33 @@ class Teacher:
         one more such sequence that no caption sees. `owner` names, per token, the caption whose pooled embedding
         it enters (-1: none), which serves both poolings: mean keeps every token after `start`, last only the last.
         """
-        width = max(int(lengths[row].sum()) for row in rows)
-        packed = any(len(row) > 1 for row in rows)
+        captions, row_of, offset = _row_layout(rows, lengths)
+        n = lengths[captions]
+        row_len = torch.zeros(len(rows), dtype=torch.long).index_add_(0, row_of, n)
+        width = int(row_len.max())
+        packed = len(captions) > len(rows)
+        # One entry per real token: its caption's place in `captions`, its position k in the caption, its cell.
+        which = torch.repeat_interleave(torch.arange(len(captions)), n)
+        k = torch.arange(len(which)) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+        cap, r, col = captions[which], row_of[which], offset[which] + k
         x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        x[r, col] = ids[cap, k]
         mask = torch.zeros(len(rows), width, dtype=torch.long)
-        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        mask[r, col] = 1
+        # Padding after a row's last caption counts positions from 0 again: one more sequence nobody attends to.
+        cols = torch.arange(width).expand(len(rows), width)
+        positions = cols - row_len[:, None]
+        positions[r, col] = k
+        first = start[cap] if self.cfg.pooling == "mean" else n[which] - 1
         owner = torch.full((len(rows), width), -1, dtype=torch.long)
-        for r, row in enumerate(rows):
-            offset = 0
-            for c in row:
-                n = int(lengths[c])
-                x[r, offset : offset + n] = ids[c, :n]
-                mask[r, offset : offset + n] = 1
-                positions[r, offset : offset + n] = torch.arange(n)
-                first = offset + (int(start[c]) if self.cfg.pooling == "mean" else n - 1)
-                owner[r, first : offset + n] = c
-                offset += n
-            positions[r, offset:] = torch.arange(width - offset)
+        owner[r, col] = torch.where(k >= first, cap, -1)
         hidden = self._forward(x, None, positions) if packed else self._forward(x, mask)
         self.tokens_processed += len(rows) * width
         keep = (owner >= 0).flatten().to(self.device)
         owner = owner.flatten().to(self.device)[keep]
         sums = torch.zeros_like(out).index_add_(0, owner, hidden.reshape(-1, hidden.shape[-1])[keep].float())
         counts = torch.bincount(owner, minlength=out.shape[0])
-        captions = torch.tensor([c for row in rows for c in row], device=self.device)
+        captions = captions.to(self.device)
         out[captions] = sums[captions] / counts[captions, None]
 
     def _mean_start(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
