@@ -180,7 +180,9 @@ def teacher_cache_main(argv: list[str]) -> int:
             raise ConfigError("teacher-cache: teacher.cache is false, so training would not read the cache")
     except ConfigError as e:
         return fail(str(e), 2)
-    result, code = call_collective(precompute, cfg, args.output, known_errors=(TeacherCacheError, DataError))
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    with console.run_log(Path(args.output)):
+        result, code = call_collective(precompute, cfg, args.output, known_errors=(TeacherCacheError, DataError))
     if code:
         return code
     if dist.is_main():

@@ -1,6 +1,7 @@
 """What the console shows: kclip's own log lines (loggers named `kclip...`) and kclip's progress bars.
 
-Everything else goes to the run's log file (`kclip train`: `run_log`), and to the console too with --verbose:
+Everything else goes to the command's log file (`run_log`: RUN/log.txt for `kclip train` and `kclip teacher-cache`;
+`beside`: OUT.log for `kclip prepare` and `kclip eval --out`), and to the console too with --verbose:
 - other libraries' log records. DeepSpeed, transformers and torch print theirs through handlers of their own that
   do not propagate to the root logger; those handlers are taken off and propagation restored (`setup`);
 - Python warnings (`logging.captureWarnings`);
@@ -133,10 +134,9 @@ def parse_args(parser, argv: list[str]):
 
 
 @contextlib.contextmanager
-def run_log(run_dir: Path):
-    """While the block runs, every record of this process goes to `RUN/log.txt` (rank 0) or `RUN/log.rank<N>.txt`,
-    appended to (a resumed run continues its file), after the records logged before it opened."""
-    path = run_dir / ("log.txt" if rank() == 0 else f"log.rank{rank()}.txt")
+def log_file(path: Path):
+    """While the block runs, every record of this process is appended to `path`, after the records logged before it
+    opened."""
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(FORMAT))
     root = logging.getLogger()
@@ -150,6 +150,22 @@ def run_log(run_dir: Path):
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+def run_log(run_dir: Path):
+    """`log_file` for a run folder: `RUN/log.txt` on rank 0, `RUN/log.rank<N>.txt` on the others (a resumed run
+    continues its files)."""
+    return log_file(run_dir / ("log.txt" if rank() == 0 else f"log.rank{rank()}.txt"))
+
+
+def beside(out: str | None):
+    """`log_file` for a command whose result is the file or folder OUT: `OUT.log` next to it (`OUT.rank<N>.log` on
+    the other ranks), outside what it writes (an MDS folder holds only what streaming reads); no file without OUT."""
+    if not out:
+        return contextlib.nullcontext()
+    path = Path(str(out).rstrip("/") + (".log" if rank() == 0 else f".rank{rank()}.log"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return log_file(path)
 
 
 class _LogWriter(io.TextIOBase):
@@ -182,7 +198,7 @@ def add_verbose_flag(parser) -> None:
     """--verbose on a command's parser. `kclip.cli.main` reads it before the command's imports, so that their
     import-time lines obey it too; the parser only lists and accepts it."""
     parser.add_argument("--verbose", action="store_true", help="also show other libraries' log lines, warnings and "
-                        "progress bars on the console (otherwise in RUN/log.txt for kclip train, else not shown)")
+                        "progress bars on the console (otherwise only in the command's log file: RUN/log.txt, OUT.log)")
 
 
 def progress(total: int | None = None, desc: str | None = None, unit: str = "it", **kwargs):

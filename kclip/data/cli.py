@@ -65,26 +65,8 @@ def _parser() -> argparse.ArgumentParser:
 def prepare_main(argv: list[str]) -> int:
     args = console.parse_args(_parser(), argv)
     try:
-        if args.format == "demo":
-            stats = build_demo(args.out, tokenizer=args.tokenizer, workers=args.workers)
-        else:
-            # Counted first (no image is read) so that the progress bar has an ETA; a bad --out fails before that.
-            check_output_dir(args.out)
-            if args.format == "csv":
-                columns = {"image_col": args.image_col, "caption_col": args.caption_col,
-                           "label_cols": args.label_cols, "sep": args.sep}
-                candidates = csv_candidates(args.src, **columns)
-                total = sum(1 for _ in csv_candidates(args.src, **columns))  # the rows alone: one pass over the CSV
-            elif args.format == "folder":
-                candidates = folder_candidates(args.src, label_cols=args.label_cols)
-                total = count_folder_records(args.src)
-            else:
-                candidates = tar_candidates(args.src, label_cols=args.label_cols)
-                total = count_tar_records(args.src)
-            stats = write_mds(
-                candidates, args.out, label_columns=args.label_cols, tokenizer=args.tokenizer, workers=args.workers,
-                size_limit=args.shard_mb << 20, max_pixels=args.max_pixels, desc=f"prepare {args.format}", total=total,
-            )
+        with console.beside(args.out):
+            stats = _convert(args)
     except (OSError, ValueError) as e:
         print(f"kclip prepare: error: {e}", file=sys.stderr)
         return 2
@@ -93,3 +75,25 @@ def prepare_main(argv: list[str]) -> int:
         return 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
     print(json.dumps(stats, indent=2, sort_keys=True))
     return 0
+
+
+def _convert(args) -> dict:
+    if args.format == "demo":
+        return build_demo(args.out, tokenizer=args.tokenizer, workers=args.workers)
+    # Counted first (no image is read) so that the progress bar has an ETA; a bad --out fails before that.
+    check_output_dir(args.out)
+    if args.format == "csv":
+        columns = {"image_col": args.image_col, "caption_col": args.caption_col,
+                   "label_cols": args.label_cols, "sep": args.sep}
+        candidates = csv_candidates(args.src, **columns)
+        total = sum(1 for _ in csv_candidates(args.src, **columns))  # the rows alone: one pass over the CSV
+    elif args.format == "folder":
+        candidates = folder_candidates(args.src, label_cols=args.label_cols)
+        total = count_folder_records(args.src)
+    else:
+        candidates = tar_candidates(args.src, label_cols=args.label_cols)
+        total = count_tar_records(args.src)
+    return write_mds(
+        candidates, args.out, label_columns=args.label_cols, tokenizer=args.tokenizer, workers=args.workers,
+        size_limit=args.shard_mb << 20, max_pixels=args.max_pixels, desc=f"prepare {args.format}", total=total,
+    )

@@ -240,12 +240,13 @@ def main(argv: list[str]) -> int:
         dist.map_launcher_env()
         if int(os.environ["WORLD_SIZE"]) > 1:
             dist.init()
-        loaded = load_model(args.checkpoint, dist.device())
-        metrics = evaluate(loaded, data=args.data, label_columns=args.label_cols, templates=templates,
-                           batch_size=args.batch_size, workers=args.workers, probe_train=args.probe_train,
-                           awa2=args.awa2, cub=args.cub, skip=args.skip, knn_k=args.knn_k,
-                           knn_max_captions=args.knn_max_captions, caption_cfg=ProbeConfig(steps=args.em_steps),
-                           teacher=args.teacher)
+        with console.beside(args.out):
+            loaded = load_model(args.checkpoint, dist.device())
+            metrics = evaluate(loaded, data=args.data, label_columns=args.label_cols, templates=templates,
+                               batch_size=args.batch_size, workers=args.workers, probe_train=args.probe_train,
+                               awa2=args.awa2, cub=args.cub, skip=args.skip, knn_k=args.knn_k,
+                               knn_max_captions=args.knn_max_captions, caption_cfg=ProbeConfig(steps=args.em_steps),
+                               teacher=args.teacher)
     except (ModelLoadError, CheckpointError, OSError, ValueError) as e:
         print(f"kclip eval: error: {e}", file=sys.stderr)
         return 2
