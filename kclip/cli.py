@@ -1,5 +1,5 @@
 """`kclip` command line: prepare data, fetch the demo teacher, precompute teacher embeddings, train (and launch it with
-stop signals passed to the ranks), evaluate, export, embed, report."""
+stop signals passed to the ranks), evaluate, export (also an evaluation split, for clip_benchmark), embed, report."""
 from __future__ import annotations
 
 import argparse
@@ -198,6 +198,7 @@ COMMANDS = {
     "launch": "kclip.launch:main",
     "eval": "kclip.eval.run:main",
     "export": "kclip.export.save:main",
+    "export-wds": "kclip.eval.wds:main",
     "embed": "kclip.export.embed:main",
     "report": "kclip.report:main",
 }

@@ -45,7 +45,7 @@ def rgba_image() -> Image.Image:
 
 def test_export_reloads_with_identical_embeddings_and_preprocessing(runs, tmp_path):
     out = tmp_path / "export"
-    assert export_main([str(runs["kc"]), str(out)]) == 0
+    assert export_main([str(runs["kc"]), str(out), "--format", "kclip"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "kclip_model.yaml", "model.safetensors", "preprocess.json", "tokenizer"]
     source = load_model(runs["kc"])

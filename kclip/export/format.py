@@ -10,7 +10,8 @@ OUT/
                       (here and in hf/, model_max_length is the run's student.text_max_len)
   preprocess.json     image preprocessing: size, shorter-side bicubic resize, center crop, mean/std
 
-Written by `kclip export` (save.py), read by `kclip.load(OUT)` -> (model, tokenizer, preprocess) (load.py).
+Written by `kclip export` (save.py), read by `kclip.load(OUT)` -> (model, tokenizer, preprocess) (load.py). The same
+folder can also hold the student in open_clip's `local-dir:` form (kclip/export/open_clip.py).
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module file in a chec
 
 class ModelLoadError(ValueError):
     pass
+
+
+class NotExpressible(ValueError):
+    """An export format cannot represent this student exactly; the message says why, in one line."""
 
 
 def preprocess_spec(image_size: int) -> dict:

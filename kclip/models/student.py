@@ -36,12 +36,19 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
 # parameter as bytes, which a 0-dim tensor cannot do (deepspeed 0.19.8, engine._broadcast_model).
 
 
+def image_tower_kwargs(cfg: StudentConfig) -> dict:
+    """The architecture arguments a DualEncoder gives timm.create_model besides num_classes=0: student.
+    image_model_kwargs, and a ViT's input size (its position embeddings are sized for it)."""
+    kwargs = dict(cfg.image_model_kwargs)
+    if "vit" in cfg.image_model:
+        kwargs.setdefault("img_size", cfg.image_size)
+    return kwargs
+
+
 class DualEncoder(nn.Module):
     def __init__(self, cfg: StudentConfig, vocab_size: int, pad_token_id: int):
         super().__init__()
-        kwargs = dict(cfg.image_model_kwargs)
-        if "vit" in cfg.image_model:
-            kwargs.setdefault("img_size", cfg.image_size)
+        kwargs = image_tower_kwargs(cfg)
         pretrained = bool(cfg.pretrained_image)
         if isinstance(cfg.pretrained_image, str):
             # Offline clusters keep timm weights as local files; timm reads them through the pretrained_cfg overlay.
