@@ -4,10 +4,12 @@ measurement: every input is printed and stored, and measured figures replace ass
 
     python benchmarks/scaling_table.py      # -> benchmarks/results/scaling_table.json (+ a markdown table)
 
-Teacher placements (modes): ZeRO-3 over all W GPUs (kclip today), the same with CPU parameter offload, and a
-projection of ZeRO-3 within each node (G = 8 GPUs hold one copy, so the per-forward all-gather stays on NVLink).
+Teacher placements (modes), each a teacher config: ZeRO-3 over all W GPUs (`teacher.shard_within: world`, the
+default) or within each node (`node`: G = 8 GPUs hold one copy, so the per-forward all-gather stays on NVLink), each
+with and without CPU parameter offload (`teacher.offload: cpu`).
 Memory per GPU (bf16 = 2 bytes per parameter), G = GPUs sharing one teacher copy (W, or 8 per node):
-    teacher shard       2 P / G                        (0 with offload: the shard lives in pinned host memory)
+    teacher shard       2 P / G                        (0 with offload: the shard lives in pinned host memory, 8 x
+                                                       2 P / G per node: 2 P / nodes over the world, 2 P within nodes)
     teacher gathered    2 x (largest gathered tensor + stage3_prefetch_bucket_size), the bucket = int(0.9 h^2) as
                         kclip.teacher.model.teacher_ds_config sets it; DeepSpeed's stage3_max_live_parameters (1e9)
                         bounds it at 2 GB
@@ -20,8 +22,8 @@ Time per optimizer step (per GPU, all ranks in lockstep):
                         forwards = local batch x tokens per caption / (chunk x max_len): packed rows of max_len tokens
                         compute = 2 P x tokens / (peak x MFU_teacher); tokens = local batch x tokens per caption
                         communication = all-gather of the whole teacher, 2 P (G-1)/G bytes / bus bandwidth (NVLink
-                        inside one node, the per-GPU network share across nodes) [+ 2 P / G bytes host->device with
-                        offload]
+                        when the G GPUs are one node's, else the per-GPU network share across nodes) [+ 2 P / G bytes
+                        host->device with offload]
     student             6 x FLOPs-params x tokens / (peak x MFU_student) + gradient reduce-scatter and parameter
                         all-gather of 2 x 2 P_s (W-1)/W bytes (not overlapped: an upper bound)
 Cold = every caption goes through the teacher (first epoch); warm = all hits in the teacher cache (later epochs).
@@ -116,27 +118,33 @@ def measured_figures() -> dict:
     return out
 
 
+GPUS_PER_NODE = 8
+# mode -> (the teacher config keys it sets, what it is)
 MODES = {
-    "zero3": "ZeRO-3 over all GPUs (kclip today)",
-    "zero3+cpu": "ZeRO-3 over all GPUs, parameters offloaded to host memory (teacher.offload=cpu)",
-    "per-node": "ZeRO-3 within each node only (a copy per node; not implemented in kclip: a projection)",
+    "zero3": ({}, "ZeRO-3 over all GPUs (teacher.shard_within=world, the default)"),
+    "zero3+cpu": ({"offload": "cpu"},
+                  "ZeRO-3 over all GPUs, parameters offloaded to host memory (teacher.offload=cpu)"),
+    "zero3-node": ({"shard_within": "node"}, "ZeRO-3 within each node: a copy per node (teacher.shard_within=node)"),
+    "zero3-node+cpu": ({"shard_within": "node", "offload": "cpu"},
+                       "ZeRO-3 within each node, parameters offloaded to host memory: a whole copy per node's host"),
 }
 
 
 def row(name: str, t: dict, st: dict, nodes: int, mode: str, global_batch: int, chunk: int, max_len: int,
         a: dict) -> dict:
     from kclip.config import TeacherConfig
-    from kclip.teacher.model import teacher_ds_config
+    from kclip.teacher.model import shard_ranks, teacher_ds_config
 
-    offload = mode == "zero3+cpu"
-    world = 8 * nodes
-    group = 8 if mode == "per-node" else world  # the ranks one teacher copy is sharded over
+    teacher_cfg = TeacherConfig(chunk_size=chunk, **MODES[mode][0])
+    offload = teacher_cfg.offload == "cpu"
+    world = GPUS_PER_NODE * nodes
+    group = shard_ranks(teacher_cfg, world, GPUS_PER_NODE)  # the GPUs one teacher copy is sharded over
     local = global_batch // world
-    ds = teacher_ds_config(TeacherConfig(path=None, offload="cpu" if offload else "none", chunk_size=chunk),
-                           t["config"], _bf16())
+    ds = teacher_ds_config(teacher_cfg, t["config"], _bf16())
     bucket = ds["zero_optimization"]["stage3_prefetch_bucket_size"]
     gib = 2**30
-    shard = 0 if offload else 2 * t["params"] / group
+    share = 2 * t["params"] / group  # one GPU's partition of the teacher
+    shard = 0 if offload else share  # with offload it lives in pinned host memory
     gathered = min(2 * (t["largest_tensor"] + bucket), 2 * 1e9)
     act_teacher = min(chunk, local) * max_len * (6 * t["hidden"] + 3 * t["intermediate"]) * 2
     s_cfg = st["cfg"]
@@ -145,17 +153,16 @@ def row(name: str, t: dict, st: dict, nodes: int, mode: str, global_batch: int, 
                   + activation_bytes_per_sample(a["text_tokens"], s_cfg.text_width, s_cfg.text_heads, s_cfg.text_layers))
     # ZeRO-2 (the cc3m config): bf16 params whole, bf16 gradients and fp32 master + Adam states partitioned.
     student_mem = 2 * st["params"] + (2 + 12) * st["params"] / world + local * per_sample
-    host_per_node = 2 * t["params"] / nodes if offload else 0
+    host_per_node = GPUS_PER_NODE * share if offload else 0
 
     peak = a["peak_tflops_bf16"] * 1e12
     tokens_per_caption = a["tokens_per_caption"] * a["computed_per_real_token"]
     # Packed (the default): rows of max_len tokens, `chunk` rows per forward, so one forward holds many captions.
     forwards = math.ceil(local * tokens_per_caption / (chunk * max_len))
     busbw = (a["nvlink_busbw_gbs"] if nodes == 1 else a["network_busbw_gbs"]) * 1e9
-    teacher_busbw = a["nvlink_busbw_gbs"] * 1e9 if group == 8 else busbw
+    teacher_busbw = (a["nvlink_busbw_gbs"] if group <= GPUS_PER_NODE else a["network_busbw_gbs"]) * 1e9
     compute = 2 * t["params"] * (local / forwards) * tokens_per_caption / (peak * a["mfu_teacher"])
-    comm = (2 * t["params"] * (group - 1) / group / teacher_busbw
-            + (2 * t["params"] / group / (a["h2d_gbs"] * 1e9) if offload else 0))
+    comm = share * (group - 1) / teacher_busbw + (share / (a["h2d_gbs"] * 1e9) if offload else 0)
     teacher_s = forwards * max(compute, comm)
     student_flops = 6 * (st["visual"] * a["image_tokens"] + (st["params"] - st["visual"]) * a["text_tokens"])
     student_s = local * student_flops / (peak * a["mfu_student"]) + 4 * st["params"] * (world - 1) / world / busbw
@@ -207,11 +214,12 @@ def main() -> None:
           r["mem_gib"]["teacher_gathered"], r["mem_gib"]["teacher_activations"], r["mem_gib"]["student"],
           r["mem_gib"]["total"], r["host_gib_per_node"], r["teacher_forward"]["bound"], round(r["samples_per_s"]["cold"]),
           round(r["samples_per_s"]["warm"])] for r in rows])
-    print("modes:", json.dumps(MODES))
+    modes = {mode: what for mode, (_, what) in MODES.items()}
+    print("modes:", json.dumps(modes))
     print("assumptions:", json.dumps(a))
     write_json(args.json, {
         "benchmark": "scaling_table", "machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "json"},
-        "assumptions": a, "measured": measured, "modes": MODES,
+        "assumptions": a, "measured": measured, "modes": modes,
         "teachers": {n: {k: v for k, v in s.items() if k != "config"} for n, s in shapes.items()},
         "student": {k: v for k, v in student.items() if k != "cfg"}, "rows": rows, "markdown": text,
     })

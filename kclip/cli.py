@@ -54,7 +54,7 @@ def load_run_config(config: str, overrides: list[str]):
 
     cfg = load_config(config, overrides)
     dist.map_launcher_env()
-    validate(cfg, int(os.environ["WORLD_SIZE"]))
+    validate(cfg, int(os.environ["WORLD_SIZE"]), local_world_size=int(os.environ["LOCAL_WORLD_SIZE"]))
     shortfall = dist.shm_shortfall(int(os.environ["LOCAL_WORLD_SIZE"]))
     if shortfall:
         raise ConfigError(shortfall)

@@ -132,6 +132,8 @@ class Heartbeat:
 
 
 _heartbeat: Heartbeat | None = None
+_timeout: datetime.timedelta | None = None  # dist.timeout_s, for the process groups created after the default one
+_node_group: dist.ProcessGroup | None = None
 
 
 # DeepSpeed's CPU accelerator maps one allreduce workspace per rank into /dev/shm (69,206,024 bytes measured with
@@ -177,7 +179,7 @@ def init(timeout_s: float = 600.0, rendezvous_timeout_s: float | None = None) ->
     The ranks must all join within `rendezvous_timeout_s` (default: `timeout_s`); after that `timeout_s` bounds every
     collective on gloo, so a dead or diverged rank surfaces as an error instead of a hang.
     """
-    global _heartbeat
+    global _heartbeat, _timeout
     if dist.is_initialized():
         return
     began = time.monotonic()
@@ -199,7 +201,8 @@ def init(timeout_s: float = 600.0, rendezvous_timeout_s: float | None = None) ->
         raise RendezvousError(
             f"rank {os.environ['RANK']}: not every rank joined {where} within {rendezvous_timeout_s:g} s "
             f"(dist.rendezvous_timeout_s): {first_line}") from e
-    dist.set_timeout(datetime.timedelta(seconds=timeout_s))
+    _timeout = datetime.timedelta(seconds=timeout_s)
+    dist.set_timeout(_timeout)
     if uses_cpu_accelerator():
         # At any interpreter exit, error exits included (a SIGKILL leaves it: tests and benchmarks sweep by port).
         atexit.register(_remove_own_shm_buffer, f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
@@ -269,6 +272,17 @@ def node_index() -> int:
 
 def num_nodes() -> int:
     return world_size() // local_world_size()
+
+
+def node_group() -> dist.ProcessGroup:
+    """This node's ranks as a process group (ranks node_index() * local_world_size() onwards, as launchers number
+    them). Collective on the first call: creating a group is, and every rank creates every node's group in the same
+    order (torch's new_subgroups). Kept for the process's life, so later calls cost nothing. Needs the world to be a
+    whole number of equal nodes (torch raises ValueError otherwise; kclip's config checks say so first)."""
+    global _node_group
+    if _node_group is None:
+        _node_group, _ = dist.new_subgroups(group_size=local_world_size(), timeout=_timeout)
+    return _node_group
 
 
 def device() -> torch.device:

@@ -18,10 +18,13 @@ COLLECTIVE_TIMEOUT_S = 60
 
 def _child(fn, args, rank, world_size, port, results, extra_env):
     try:
-        # extra_env may override the single-node defaults (e.g. LOCAL_SIZE=1 makes every rank its own node).
+        # extra_env may override the single-node defaults: LOCAL_SIZE=2 makes nodes of 2 ranks (rank r its node's
+        # r % 2, as launchers number them), LOCAL_SIZE=1 every rank its own node.
+        local_size = int(extra_env.get("LOCAL_SIZE", world_size))
         os.environ.update({
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size), "LOCAL_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+            "LOCAL_RANK": str(rank % local_size), "WORLD_SIZE": str(world_size), "LOCAL_SIZE": str(local_size),
+            "LOCAL_WORLD_SIZE": str(local_size),
             "DS_ACCELERATOR": "cpu", **extra_env,
         })
         import torch

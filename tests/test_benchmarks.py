@@ -84,10 +84,14 @@ def test_scaling_arithmetic_shards_and_offload():
     # The whole teacher is all-gathered per forward whatever the world size; across nodes the network is the limit.
     assert eight["teacher_forward"]["comm_s"] > one["teacher_forward"]["comm_s"]
     assert eight["samples_per_s"]["warm"] > one["samples_per_s"]["warm"] > one["samples_per_s"]["cold"]
-    # One copy per node: the shard is 1/8 of the teacher and the all-gather runs over NVLink at any node count.
-    node = scaling_table.row("7B", shape, student, 8, "per-node", 4096, 256, 77, a)
+    # teacher.shard_within=node, a copy per node: the shard is 1/8 of the teacher and the all-gather runs over NVLink
+    # at any node count; offloaded, every node's host holds a whole copy.
+    node = scaling_table.row("7B", shape, student, 8, "zero3-node", 4096, 256, 77, a)
     assert node["mem_gib"]["teacher_shard"] == pytest.approx(one["mem_gib"]["teacher_shard"])
     assert node["teacher_forward"]["comm_s"] == pytest.approx(one["teacher_forward"]["comm_s"])
+    node_off = scaling_table.row("7B", shape, student, 8, "zero3-node+cpu", 4096, 256, 77, a)
+    assert node_off["mem_gib"]["teacher_shard"] == 0
+    assert node_off["host_gib_per_node"] == pytest.approx(2 * shape["params"] / gib)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed when no GPU is present")

@@ -149,3 +149,25 @@ def test_broken_yaml_is_one_line_with_its_position(tmp_path, capsys, content, ov
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("kclip: error: ") and expected.format(path=path) in err, err
+
+
+def test_node_sharding_needs_equal_whole_nodes_in_one_line_before_any_process_group(mds, tmp_path, capsys,
+                                                                                    monkeypatch):
+    node = ("teacher.shard_within=node", "train.global_batch_size=24")
+    validate(smoke(mds, *node), world_size=8, local_world_size=4, cuda=False)  # 2 nodes of 4
+    validate(smoke(mds, *node), world_size=4, cuda=False)  # one node: the same as world
+    validate(smoke(mds, node[1]), world_size=6, local_world_size=4, cuda=False)  # world: any layout
+    expected = ("teacher.shard_within: node needs equal nodes, but the world size 6 is not a multiple of the 4 ranks "
+                "per node (LOCAL_WORLD_SIZE); use world")
+    with pytest.raises(ConfigError) as error:
+        validate(smoke(mds, *node), world_size=6, local_world_size=4, cuda=False)
+    assert str(error.value) == expected
+    with pytest.raises(ConfigError, match="^teacher.shard_within: node cannot be combined with teacher.offload=nvme"):
+        validate(smoke(mds, *node, "teacher.offload=nvme", "teacher.nvme_path=/nvme"), world_size=1, cuda=False)
+    # `kclip train` takes the ranks per node from the launcher (torchrun's LOCAL_WORLD_SIZE here).
+    for key, value in {"RANK": "0", "WORLD_SIZE": "6", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4", "LOCAL_SIZE": "4",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    assert main(["train", "--config", "smoke", "--output", str(tmp_path / "run"), f"data.train={mds}", *node]) == 2
+    assert capsys.readouterr().err == f"kclip: error: {expected}\n"
+    assert not torch.distributed.is_initialized()

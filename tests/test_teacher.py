@@ -1,6 +1,7 @@
 """The frozen teacher: ZeRO-3 on 2 CPU ranks gives the single-process embeddings, holds only its shard, never hangs on
 uneven batches, does not leak partitioning into later models; packing and bucketing keep the embeddings; config
 derivation; the real small teacher."""
+import contextlib
 import math
 import os
 import sys
@@ -166,6 +167,109 @@ def test_bucketing_packing_and_cpu_offload_keep_embeddings(sharded, reference, t
         assert res["packed_on"]
         assert_close(res["packed"], short[RANK_ROWS[r]])
         assert_close(res["offload_cpu"], reference["mean_last_layer"][RANK_ROWS[r]])
+
+
+# 4 ranks as 2 nodes of 2 (LOCAL_SIZE=2): ranks 0-1 and 2-3. Uneven, so ranks 1-3 run dummy forwards.
+NODE_ROWS = [[0, 1, 2], [3], [4, 5], []]
+NODES = [(0, 1), (0, 1), (2, 3), (2, 3)]
+# Every torch.distributed collective, under both names torch has for it, and the two DeepSpeed's communication backend
+# bound at start-up (its all-gathers and reduce-scatters do not look the torch functions up at call time).
+COLLECTIVES = ("all_gather_into_tensor", "_all_gather_base", "all_gather", "all_gather_coalesced",
+               "_all_gather_base_coalesced", "all_gather_object", "broadcast", "broadcast_object_list", "all_reduce",
+               "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
+               "all_to_all_single", "gather", "scatter", "barrier")
+
+
+@contextlib.contextmanager
+def recorded_collectives():
+    """Yields a list that gets (name, ranks of its group, elements of its first tensor) for every collective run."""
+    import inspect
+
+    import torch.distributed as td
+    from deepspeed.comm import comm as ds_comm
+
+    calls = []
+    targets = [(module, name) for module in (td, td.distributed_c10d) for name in COLLECTIVES if hasattr(module, name)]
+    targets += [(ds_comm.cdb, "all_gather_function"), (ds_comm.cdb, "reduce_scatter_function")]
+
+    def recording(name, fn):
+        signature = inspect.signature(fn)
+
+        def call(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs).arguments
+            tensor = next((v for v in bound.values() if isinstance(v, torch.Tensor)), None)
+            calls.append((name, tuple(td.get_process_group_ranks(bound.get("group") or td.group.WORLD)),
+                          0 if tensor is None else tensor.numel()))
+            return fn(*args, **kwargs)
+        return call
+
+    originals = [(owner, name, getattr(owner, name)) for owner, name in targets]
+    try:
+        for owner, name, fn in originals:
+            setattr(owner, name, recording(name, fn))
+        yield calls
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+
+
+def _node_sharded_run(folder):
+    """`teacher.shard_within: node` on 2 nodes of 2 ranks, loaded both ways (a checkpoint, which transformers
+    partitions over the world first; a random teacher, built whole), and the collectives of its embeds."""
+    from kclip import dist
+
+    r = dist.rank()
+    t = build_teacher(teacher_cfg(folder, shard_within="node"))
+    ids, mask = tokens(t, NODE_ROWS[r])
+    # The first two forwards of a ZeRO-3 engine record its module order, which DeepSpeed checks against world rank
+    # 0's with broadcasts of a few ints: recorded separately from the steady state.
+    with recorded_collectives() as first_calls:
+        t.embed(ids, mask)
+    with recorded_collectives() as calls:
+        emb = t.embed(ids, mask)
+    with recorded_collectives() as embedding_calls:
+        input_embeddings = t.input_embeddings()
+    params = list(t.module.module.parameters())
+    random = build_teacher(TeacherConfig(random_config=TINY_LLAMA, layer=1, chunk_size=2, shard_within="node"))
+    return {"embeddings": emb.numpy(), "fingerprint": t.fingerprint, "forwards": t.forwards,
+            "first_calls": first_calls, "calls": calls, "embedding_calls": embedding_calls,
+            "input_embeddings": input_embeddings.numpy(),
+            "ds_numel": sum(p.ds_numel for p in params), "local_numel": sum(p.ds_tensor.numel() for p in params),
+            "expected_local_numel": sum(math.ceil(p.ds_numel / 2) for p in params),
+            "partition_groups": {tuple(torch.distributed.get_process_group_ranks(p.ds_process_group)) for p in params},
+            "random_embeddings": random.embed(*tokens(random, NODE_ROWS[r])).numpy(),
+            "random_layers": len(random.module.module.layers)}
+
+
+def test_node_sharding_keeps_the_teacher_and_its_all_gathers_inside_each_node(tiny_folder, reference):
+    """4 CPU ranks as 2 nodes: each rank holds half the teacher, embeds exactly as one process does, and every
+    parameter all-gather stays in its node. Crossing nodes: only the forward-count equalisation (one all-reduce of one
+    integer per embed) and, in the first two forwards only, DeepSpeed's check of its module trace (a few ints)."""
+    results = run_ranks(_node_sharded_run, tiny_folder, world_size=4, env={"LOCAL_SIZE": "2"})
+    total = sum(p.numel() for p in LlamaModel(LlamaConfig(**TINY_LLAMA)).parameters())
+    single_random = build_teacher(TeacherConfig(random_config=TINY_LLAMA, layer=1, chunk_size=2))
+    random_reference = single_random.embed(*tokens(single_random, range(len(CAPTIONS))))
+    embedding_matrix = LlamaModel.from_pretrained(tiny_folder).embed_tokens.weight.detach()
+    for r, res in enumerate(results):
+        node, world = NODES[r], (0, 1, 2, 3)
+        assert res["partition_groups"] == {node}
+        assert res["ds_numel"] == total and res["local_numel"] == res["expected_local_numel"]
+        assert total / 2 <= res["local_numel"] < total / 2 + 100
+        assert_close(res["embeddings"], reference["mean_last_layer"][NODE_ROWS[r]])
+        assert res["fingerprint"] == reference["fingerprint_mean_last_layer"]  # shard_within is not part of it
+        assert res["forwards"] == 4  # 2 per embed on every rank: rank 0 has 2 chunks, the others pad with dummies
+        torch.testing.assert_close(torch.as_tensor(res["input_embeddings"]), embedding_matrix, atol=0, rtol=0)
+        assert_close(res["random_embeddings"], random_reference[NODE_ROWS[r]])
+        assert res["random_layers"] == 1
+
+        gathers = [c for c in res["calls"] if c[1] != world]
+        assert gathers and all(name == "all_gather_function" and ranks == node for name, ranks, _ in gathers)
+        assert [c for c in res["calls"] if c[1] == world] == [("all_reduce", world, 1)]
+        assert all(ranks == node for _, ranks, _ in res["embedding_calls"]) and res["embedding_calls"]
+        first_world = [c for c in res["first_calls"] if c[1] == world]
+        assert first_world.count(("all_reduce", world, 1)) == 1
+        assert all(name in ("all_reduce", "broadcast") and n < 100 for name, _, n in first_world), first_world
+        assert all(ranks in (node, world) for _, ranks, _ in res["first_calls"])
 
 
 def _nvme_run(folder, nvme_dir):

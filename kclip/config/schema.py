@@ -122,6 +122,9 @@ class TeacherConfig:
     packing: bool = True  # several captions per row (block-diagonal attention): no padding computed, fewer forwards
     bucket_by_length: bool = True  # without packing: sort captions by length so chunks carry little padding
     offload: str = one_of("none", ("none", "cpu", "nvme"))  # ZeRO-3 parameter offload
+    # the ranks one sharded teacher is partitioned over: all of them, or each node's (a copy per node, so each forward
+    # all-gathers over NVLink instead of the network, for 1/ranks-per-node of the teacher per GPU instead of 1/world)
+    shard_within: str = one_of("world", ("world", "node"))
     nvme_path: str | None = None
     seed: int = num(0, SEED)  # for random_config
     cache: bool = True  # keep teacher embeddings on disk by sample id: later epochs skip the teacher
@@ -132,6 +135,11 @@ class TeacherConfig:
     def check(self) -> None:
         if self.offload == "nvme" and not self.nvme_path:
             raise ConfigError("teacher.nvme_path: required when teacher.offload=nvme")
+        if self.shard_within == "node" and self.offload == "nvme":
+            # the node copy is made from a world-sharded load, and the second ZeRO-3 NVMe swapper would delete the
+            # first one's swap folder (DeepSpeed clears it when it starts)
+            raise ConfigError("teacher.shard_within: node cannot be combined with teacher.offload=nvme; use "
+                              "teacher.offload=cpu or teacher.shard_within=world")
         if self.cache_dtype == "fp16" and not self.normalize:
             # unnormalised hidden states can exceed float16's largest value: stored as inf, every epoch a miss
             raise ConfigError("teacher.cache_dtype: fp16 needs teacher.normalize=true (unnormalised embeddings can "

@@ -7,11 +7,20 @@ from __future__ import annotations
 import torch
 
 from kclip.config.preflight import check_hf_clip, check_mds, check_teacher
-from kclip.config.schema import Config, ConfigError
+from kclip.config.schema import Config, ConfigError, TeacherConfig
 
 
-def validate(cfg: Config, world_size: int, *, cuda: bool | None = None) -> None:
-    """Raise ConfigError for the first impossible setting. `world_size` is the number of ranks the run will have."""
+def check_shard_within(teacher: TeacherConfig, world_size: int, local_world_size: int) -> None:
+    """`teacher.shard_within: node` partitions the teacher over each node's ranks: the world must be whole nodes of
+    `local_world_size` ranks. Called before any collective (creating the node groups is one)."""
+    if teacher.shard_within == "node" and world_size % local_world_size:
+        raise ConfigError(f"teacher.shard_within: node needs equal nodes, but the world size {world_size} is not a "
+                          f"multiple of the {local_world_size} ranks per node (LOCAL_WORLD_SIZE); use world")
+
+
+def validate(cfg: Config, world_size: int, *, local_world_size: int | None = None, cuda: bool | None = None) -> None:
+    """Raise ConfigError for the first impossible setting. `world_size` is the number of ranks the run will have,
+    `local_world_size` those on each node (default: all of them, one node)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     t, c, st = cfg.train, cfg.concepts, cfg.student
     cfg.check()
@@ -29,6 +38,7 @@ def validate(cfg: Config, world_size: int, *, cuda: bool | None = None) -> None:
         if not cfg.teacher.path and not cfg.teacher.random_config:
             raise ConfigError("teacher.path: required when loss.distill_weight or loss.concept_weight > 0")
         check_teacher(cfg.teacher)
+        check_shard_within(cfg.teacher, world_size, local_world_size or world_size)
     if st.tokenizer == "teacher" and not cfg.teacher.path:
         raise ConfigError("student.tokenizer: 'teacher' needs teacher.path")
     if st.token_init == "teacher":

@@ -1,10 +1,11 @@
 """The frozen Llama teacher: caption token ids -> one pooled embedding per caption.
 
-Sharded (ZeRO-3 inference), every rank keeps 1/world of each weight and all-gathers one layer at a time during the
-forward pass, so a 7B-70B decoder fits next to the student. The weights are loaded already partitioned (a
-`HfDeepSpeedConfig` kept alive only while `from_pretrained` runs makes it build the model under `deepspeed.zero.Init`),
-so no rank ever materialises the whole model. Because every submodule all-gathers, a sharded `Teacher.embed` is a
-collective: every rank must run the same number of forward passes, which `embed` guarantees by itself.
+Sharded (ZeRO-3 inference), every rank keeps 1/world of each weight (with `teacher.shard_within: node`, 1/ranks per
+node: a copy per node) and all-gathers one layer at a time during the forward pass, so a 7B-70B decoder fits next to
+the student. The weights are loaded already partitioned (a `HfDeepSpeedConfig` kept alive only while `from_pretrained`
+runs makes it build the model under `deepspeed.zero.Init`), so no rank ever materialises the whole model. Because
+every submodule all-gathers, a sharded `Teacher.embed` is a collective: every rank must run the same number of forward
+passes, which `embed` guarantees by itself.
 
 Unsharded (one process, no offload), it is a plain frozen module on the local device.
 """
@@ -22,6 +23,7 @@ import torch
 from kclip import dist
 from kclip.config import ConfigError, TeacherConfig
 from kclip.config.preflight import check_teacher, weight_files
+from kclip.config.validate import check_shard_within
 from kclip.ds_config import load_template
 from kclip.tokenizers import (
     RANDOM_TEACHER_TOKENIZER,
@@ -131,6 +133,42 @@ def _load_module(cfg: TeacherConfig, model_config, dtype: torch.dtype, ds_config
     finally:
         unset_hf_deepspeed_config()
         del hf_ds_config
+
+
+def shard_ranks(cfg: TeacherConfig, world_size: int, local_world_size: int) -> int:
+    """How many ranks one copy of the sharded teacher is partitioned over (`teacher.shard_within`)."""
+    return local_world_size if cfg.shard_within == "node" else world_size
+
+
+def _partition_within(module: torch.nn.Module, group, ds_config: dict, layer: int) -> torch.nn.Module:
+    """A copy of `module` (whole, or ZeRO-3-partitioned over the world as `_load_module` gives it) ZeRO-3-partitioned
+    over `group` alone: every group then holds the whole teacher, and its forwards all-gather only inside it.
+
+    Why a copy instead of loading straight into the group: transformers' ZeRO-3 loading assumes the group holds global
+    rank 0. It reads the checkpoint on global rank 0 only, and the `module.apply` it calls while loading is wrapped by
+    zero.Init to broadcast from global rank 0 within each parameter's group, which fails on every other node
+    ("Global rank 0 is not part of group", DeepSpeed 0.19.8, transformers 4.57). The copy costs one world all-gather
+    of the teacher, once (what one cold forward costs under `shard_within: world`), and at most both partitions plus
+    two gathered copies of one parameter in memory.
+
+    Why not DeepSpeed's hpZ (`zero_hpz_partition_size`): its secondary, node-wide partition does serve a forward-only
+    engine (it is rebuilt only after optimizer steps, so every forward all-gathers inside the node), but it comes on
+    top of the primary partition over the world (1/world + 1/node of the teacher per GPU), which GatheredParameters
+    (`input_embeddings`) still gathers across nodes; and its node group is a process-wide singleton that zero.Init
+    creates from the config and asserts it never creates twice, so one process could load only one teacher."""
+    import deepspeed
+    from transformers import AutoModel
+    from transformers.modeling_utils import no_init_weights
+
+    # no_init_weights: the copy's values come from `module`; initialising them would be wasted work.
+    with no_init_weights(), deepspeed.zero.Init(data_parallel_group=group, config_dict_or_path=ds_config):
+        copy = AutoModel.from_config(module.config)
+    drop_layers_after(copy, layer)
+    for src, dst in zip(module.parameters(), copy.parameters(), strict=True):
+        # modifier_rank: re-partition `dst` from its written, gathered values (equal on every rank: all wrote them).
+        with deepspeed.zero.GatheredParameters([src]), deepspeed.zero.GatheredParameters([dst], modifier_rank=0):
+            dst.data.copy_(src.data)
+    return copy
 
 
 def drop_layers_after(module: torch.nn.Module, layer: int) -> None:
@@ -365,7 +403,8 @@ class Teacher:
             order = torch.argsort(lengths, descending=True, stable=True) if self.cfg.bucket_by_length else torch.arange(n)
             forwards = [[[int(i)] for i in chunk] for chunk in _chunks(order.tolist(), self.cfg.chunk_size)]
         # Agree on the number of forwards before the first one: a collective between forwards would pair up with
-        # another rank's parameter all-gathers.
+        # another rank's parameter all-gathers. Over the world even when sharded within nodes: DeepSpeed checks its
+        # module trace with world broadcasts at the end of the first forwards, so every node must run as many.
         missing = (dist.all_reduce_max(len(forwards)) if self.sharded else len(forwards)) - len(forwards)
         out = torch.empty(n, self.hidden_size, dtype=torch.float32, device=self.device)
         for rows in forwards:
@@ -399,9 +438,13 @@ def build_teacher(cfg: TeacherConfig, *, shard: bool | None = None) -> Teacher:
     ds_config = None
     if shard:
         dist.init()
+        check_shard_within(cfg, dist.world_size(), dist.local_world_size())
         ds_config = teacher_ds_config(cfg, model_config, dtype)
     module = _load_module(cfg, model_config, dtype, ds_config)
-    drop_layers_after(module, cfg.layer % (num_layers + 1))
+    layer = cfg.layer % (num_layers + 1)
+    drop_layers_after(module, layer)
+    if shard and shard_ranks(cfg, dist.world_size(), dist.local_world_size()) < dist.world_size():
+        module = _partition_within(module, dist.node_group(), ds_config, layer)
     module.requires_grad_(False)
     if shard:
         import deepspeed
