@@ -1,6 +1,7 @@
 """Tokenizer loading shared by the data pipeline, the student and the teacher."""
 from __future__ import annotations
 
+import copy
 import os
 from functools import lru_cache
 
@@ -59,5 +60,25 @@ def student_tokenizer_spec(cfg) -> str:
 
 
 def student_tokenizer(cfg):
-    """The tokenizer a run's student reads (see student_tokenizer_spec)."""
-    return load_tokenizer(student_tokenizer_spec(cfg))
+    """The tokenizer a run's student reads (see student_tokenizer_spec), ending every caption with an end-of-text
+    token (`ending_with_eos`)."""
+    return ending_with_eos(student_tokenizer_spec(cfg))
+
+
+@lru_cache(maxsize=8)
+def ending_with_eos(spec: str):
+    """`load_tokenizer(spec)`, changed where needed so that every caption ends with its end-of-text token: the student
+    pools a caption's last token, and CLIP's convention (which open_clip's `eos` pooling follows, so the student
+    exports to open_clip) is that this is the end-of-text token, whose hidden state has seen the whole caption and
+    marks where it stops. Byte and CLIP tokenizers append it already; Llama-family ones (SmolLM2's) do not, so a copy
+    appends it, and drops the leading BOS when that is the same token (SmolLM2's is), since open_clip pools at the
+    first end-of-text token. A copy: the teacher keeps its own tokenizer's behaviour."""
+    tokenizer = load_tokenizer(spec)
+    eos = tokenizer.eos_token_id
+    if eos is None or tokenizer("a")["input_ids"][-1] == eos or not hasattr(tokenizer, "add_eos_token"):
+        return tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_eos_token = True
+    if tokenizer.bos_token_id == eos:
+        tokenizer.add_bos_token = False
+    return tokenizer

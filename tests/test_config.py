@@ -14,6 +14,14 @@ from kclip.config import Config, ConfigError, load_config
 from kclip.config.validate import validate
 
 
+@pytest.fixture(autouse=True)
+def no_process_group():
+    """These tests assert that a bad config fails before any process group starts, so none may be left over from a
+    test file that trained in this process before them (test order is then irrelevant)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def mds(tmp_path_factory) -> Path:
     """What validate() reads of a dataset: index.json, the count in stats.json that marks a conversion as complete,

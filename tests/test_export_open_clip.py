@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -81,6 +82,20 @@ def test_dual_encoder_embeds_in_open_clip_as_in_kclip(tmp_path, overrides, timm_
     assert vision_cfg["timm_model_name"] == (f"local-dir:{(out / TIMM_TOWER).absolute()}"
                                              if timm_name.startswith("local-dir:") else timm_name)
     diff = compare_with_open_clip(out)
+    assert max(diff.values()) < ATOL, diff
+
+
+@pytest.mark.skipif(not Path(load_config("demo", []).teacher.path).is_file(),
+                    reason="the demo teacher (kclip fetch-teacher) is not downloaded")
+def test_the_demo_student_with_smollm2s_tokenizer_embeds_in_open_clip_as_in_kclip(tmp_path):
+    """The demo config as it is (student.tokenizer=teacher): SmolLM2's tokenizer, which on its own ends a caption with
+    its last word and starts it with a BOS that is also its end-of-text token, ends every student caption with that
+    token alone (tokenizers.ending_with_eos), so open_clip's `eos` pooling reads the token the student pools."""
+    cfg = load_config("demo", ["student.token_init=random"])  # the teacher's token rows would need the teacher loaded
+    tokenizer = student_tokenizer(cfg)
+    for ids in tokenizer(TEXTS)["input_ids"]:
+        assert ids[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id not in ids[:-1]
+    diff = compare_with_open_clip(export_model(perturbed(cfg, tokenizer), tmp_path / "export"))
     assert max(diff.values()) < ATOL, diff
 
 

@@ -50,7 +50,9 @@ def as_trained(tokenizer, max_len: int):
     (load_tokenizer caches it)."""
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.model_max_length = max_len
-    tokenizer.padding_side = "right"
+    # save_pretrained writes what init_kwargs hold: the attribute alone is lost, and a reloaded Llama-family tokenizer
+    # pads on the left again.
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "right"
     return tokenizer
 
 
