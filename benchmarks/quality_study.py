@@ -71,39 +71,51 @@ from kclip.train.checkpoint import tag_for
 
 BASELINE = "plain"
 
+# The student's vocabulary, stated by every variant so that its meaning does not follow the config's defaults (the
+# demo's are the teacher's tokenizer and token embeddings, the study's pick): bytes with random token embeddings, or the
+# teacher's tokenizer with the teacher's token embeddings.
+BYTES = ["student.tokenizer=byte", "student.token_init=random"]
+TEACHER_TOKENS = ["student.tokenizer=teacher", "student.token_init=teacher"]
+
 # name -> overrides on top of the study's config. Same seed = same data order and student init, so every variant is
 # compared with `plain` run by run (see the module docstring).
 VARIANTS: dict[str, list[str]] = {
     # CLIP's contrastive loss alone: the baseline every difference is taken against.
-    "plain": ["loss.distill_weight=0", "loss.concept_weight=0"],
+    "plain": ["loss.distill_weight=0", "loss.concept_weight=0", *BYTES],
+    # Plain CLIP on the teacher's vocabulary with random token embeddings: no teacher knowledge at all, and the same
+    # text-tower shape as the teacher-vocabulary variants, which it separates the vocabulary's share of their gain from.
+    "plain_teacher_vocab": ["loss.distill_weight=0", "loss.concept_weight=0", "student.tokenizer=teacher",
+                            "student.token_init=random"],
     # Distillation alone in its landed default form: does the teacher's text embedding help without concepts?
-    "distill_raw_cosine": ["loss.concept_weight=0", "loss.distill_kind=cosine", "loss.distill_target=raw"],
+    "distill_raw_cosine": ["loss.concept_weight=0", "loss.distill_kind=cosine", "loss.distill_target=raw", *BYTES],
     # Cosine to mean-centred teacher embeddings: does removing the teacher's common direction (anisotropy) help?
-    "distill_centered_cosine": ["loss.concept_weight=0", "loss.distill_kind=cosine", "loss.distill_target=centered"],
+    "distill_centered_cosine": ["loss.concept_weight=0", "loss.distill_kind=cosine", "loss.distill_target=centered",
+                                *BYTES],
     # Cosine to whitened teacher embeddings: does equalising the teacher's dimensions help further?
-    "distill_whitened_cosine": ["loss.concept_weight=0", "loss.distill_kind=cosine", "loss.distill_target=whitened"],
+    "distill_whitened_cosine": ["loss.concept_weight=0", "loss.distill_kind=cosine", "loss.distill_target=whitened",
+                                *BYTES],
     # Match the batch's similarity structure instead of the vectors: is the geometry what transfers?
-    "distill_relational": ["loss.concept_weight=0", "loss.distill_kind=relational", "loss.distill_target=centered"],
+    "distill_relational": ["loss.concept_weight=0", "loss.distill_kind=relational", "loss.distill_target=centered",
+                           *BYTES],
     # Contrastive distillation (the teacher's own caption is the positive among the batch's): sharper than cosine?
-    "distill_contrastive": ["loss.concept_weight=0", "loss.distill_kind=contrastive", "loss.distill_target=centered"],
+    "distill_contrastive": ["loss.concept_weight=0", "loss.distill_kind=contrastive", "loss.distill_target=centered",
+                            *BYTES],
     # Concept learning alone (k-means concepts of the teacher's embeddings, no distillation).
-    "concepts_only": ["loss.distill_weight=0"],
+    "concepts_only": ["loss.distill_weight=0", *BYTES],
     # beta: 10x the paper's 0.01, which leaves the concept heads almost untrained at this scale.
-    "concepts_beta0.1": ["loss.distill_weight=0", "loss.concept_weight=0.1"],
+    "concepts_beta0.1": ["loss.distill_weight=0", "loss.concept_weight=0.1", *BYTES],
     # tau: softer soft labels (0.2 instead of 0.05) carry more of each caption's similarity to every concept.
-    "concepts_tau0.2": ["loss.distill_weight=0", "concepts.tau=0.2"],
+    "concepts_tau0.2": ["loss.distill_weight=0", "concepts.tau=0.2", *BYTES],
     # Knowledge-CLIP's three losses together, with the contrastive distillation form.
-    "all_three": ["loss.distill_kind=contrastive", "loss.distill_target=centered"],
+    "all_three": ["loss.distill_kind=contrastive", "loss.distill_target=centered", *BYTES],
     # The teacher's middle layer instead of its last: are mid-layer features a better target?
     "distill_contrastive_mid_layer": ["loss.concept_weight=0", "loss.distill_kind=contrastive",
-                                      "loss.distill_target=centered", "teacher.layer=15"],
+                                      "loss.distill_target=centered", "teacher.layer=15", *BYTES],
     # The teacher's tokenizer and token embeddings for the student instead of bytes: does the teacher's vocabulary help?
     "distill_contrastive_teacher_tok": ["loss.concept_weight=0", "loss.distill_kind=contrastive",
-                                        "loss.distill_target=centered", "student.tokenizer=teacher",
-                                        "student.token_init=teacher"],
-    # The same with concept learning on: all three objectives with the teacher's vocabulary.
-    "all_three_teacher_tok": ["loss.distill_kind=contrastive", "loss.distill_target=centered", "student.tokenizer=teacher",
-                              "student.token_init=teacher"],
+                                        "loss.distill_target=centered", *TEACHER_TOKENS],
+    # The same with concept learning on: all three objectives with the teacher's vocabulary (the demo's default).
+    "all_three_teacher_tok": ["loss.distill_kind=contrastive", "loss.distill_target=centered", *TEACHER_TOKENS],
 }
 
 # Config sections that do not change what a run learns: a run folder that differs only there is still comparable.
