@@ -134,3 +134,31 @@ def test_conversion_totals_count_what_the_sources_yield(tmp_path):
     (tmp_path / "broken.tar").write_bytes(b"not a tar")
     patterns = [str(tar), str(tmp_path / "broken.tar")]
     assert count_tar_records(patterns) == len(list(tar_candidates(patterns))) == 4
+
+
+FAKE_LAUNCHER = """
+import sys
+print("[2026-12-02 14:11:49,181] [INFO] [launch.py:170:main] dist_world_size=2")
+print("a rank's result line")
+print("[2026-12-02 14:11:49,190] [ERROR] [launch.py:300:sigkill_handler] a rank exits with return code = 1")
+print("[2026-12-02 14:11:49,200] [WARNING] [runner.py:214:fetch_hostfile] Unable to find hostfile")
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_kclip_launch_keeps_the_launchers_progress_lines_in_the_run_log(tmp_path, code):
+    """DeepSpeed's runner and launch.py lines go to RUN/log.txt (and to stderr if the launch fails); its errors and
+    whatever the ranks print pass through; --verbose passes everything."""
+    (tmp_path / "run").mkdir()
+    cmd = [sys.executable, "-m", "kclip.cli", "launch", sys.executable, "-c", FAKE_LAUNCHER, str(code),
+           "--output", str(tmp_path / "run")]
+    out, err = run(cmd, code)
+    assert out.splitlines() == ["a rank's result line", "[2026-12-02 14:11:49,190] [ERROR] [launch.py:300:"
+                                "sigkill_handler] a rank exits with return code = 1"]
+    held = ["[2026-12-02 14:11:49,181] [INFO] [launch.py:170:main] dist_world_size=2",
+            "[2026-12-02 14:11:49,200] [WARNING] [runner.py:214:fetch_hostfile] Unable to find hostfile"]
+    assert (tmp_path / "run" / "log.txt").read_text().splitlines() == held
+    assert [line for line in err.splitlines() if line in held] == (held if code else [])
+    out, _ = run([*cmd, "--verbose"], code)
+    assert len(out.splitlines()) == 4
