@@ -18,8 +18,8 @@ How the students map onto open_clip's CLIP class, exactly (same functions of the
   cut there: kclip never reads past it). Pooling: an HF CLIP student pools as Hugging Face does (the first
   eos_token_id, or the largest id when eos_token_id is 2), which open_clip calls `eos` and `argmax`. A DualEncoder
   pools the last non-pad token; open_clip's `eos` pools the first end-of-text token, the same one exactly when the
-  tokenizer ends every caption with its end-of-text id and writes it nowhere before (the byte tokenizer and CLIP's do;
-  SmolLM2's, the demo teacher's, does not: it starts a caption with its end-of-text id and ends with the last word's).
+  tokenizer ends every caption with its end-of-text id and writes it nowhere before (the byte tokenizer and CLIP's do,
+  and so does the student's copy of a Llama-family tokenizer such as SmolLM2's: kclip.tokenizers.ending_with_eos).
   A caption holding the end-of-text token's literal text would differ. open_clip pads every caption to the context
   (kclip to the batch's longest): under the causal mask no token before the pooled one sees the padding. open_clip's
   tokenizer first cleans a text (ftfy, HTML entities, runs of whitespace to one space), kclip's does not: texts that
