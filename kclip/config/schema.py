@@ -123,6 +123,9 @@ class TeacherConfig:
     bucket_by_length: bool = True  # without packing: sort captions by length so chunks carry little padding
     offload: str = one_of("none", ("none", "cpu", "nvme"))  # ZeRO-3 parameter offload
     nvme_path: str | None = None
+    # a .gguf teacher: save it de-quantised, once, as a Hugging Face folder under $KCLIP_CACHE (~/.cache/kclip), which
+    # later starts load instead (kclip.teacher.gguf_cache); false: write no copy (one already there is still read)
+    convert_gguf: bool = True
     seed: int = num(0, SEED)  # for random_config
     cache: bool = True  # keep teacher embeddings on disk by sample id: later epochs skip the teacher
     cache_dir: str | None = None  # default <run>/teacher_cache; share it between runs with the same teacher and data
