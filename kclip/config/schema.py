@@ -126,6 +126,9 @@ class TeacherConfig:
     # all-gathers over NVLink instead of the network, for 1/ranks-per-node of the teacher per GPU instead of 1/world)
     shard_within: str = one_of("world", ("world", "node"))
     nvme_path: str | None = None
+    # a .gguf teacher: save it de-quantised, once, as a Hugging Face folder under $KCLIP_CACHE (~/.cache/kclip), which
+    # later starts load instead (kclip.teacher.gguf_cache); false: write no copy (one already there is still read)
+    convert_gguf: bool = True
     seed: int = num(0, SEED)  # for random_config
     cache: bool = True  # keep teacher embeddings on disk by sample id: later epochs skip the teacher
     cache_dir: str | None = None  # default <run>/teacher_cache; share it between runs with the same teacher and data

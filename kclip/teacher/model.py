@@ -25,6 +25,7 @@ from kclip.config import ConfigError, TeacherConfig
 from kclip.config.preflight import check_teacher, weight_files
 from kclip.config.validate import check_shard_within
 from kclip.ds_config import load_template
+from kclip.teacher import gguf_cache
 from kclip.tokenizers import (
     RANDOM_TEACHER_TOKENIZER,
     gguf_config,
@@ -115,7 +116,7 @@ def _load_module(cfg: TeacherConfig, model_config, dtype: torch.dtype, ds_config
     if cfg.random_config is not None:
         torch.manual_seed(cfg.seed)
         return AutoModel.from_config(model_config).to(dtype)
-    folder, gguf_file = split_gguf(cfg.path)
+    folder, gguf_file = split_gguf(gguf_cache.resolve(cfg.path, convert=cfg.convert_gguf))
     # Passing the config already read saves re-parsing it (reading a GGUF's metadata takes seconds).
     kwargs = {"config": model_config, "dtype": dtype} | ({"gguf_file": gguf_file} if gguf_file else {})
     if ds_config is None:
