@@ -38,23 +38,28 @@ from kclip import console
 from kclip.eval.run import _columns
 
 SPLIT = "test"  # the split `clip_benchmark eval` reads unless told otherwise
-SHARD_SAMPLES = 10_000  # samples per tar shard: clip_benchmark's own writer's default
+SHARD_SAMPLES = 10_000  # samples per tar shard at most: clip_benchmark's own writer's default
+# clip_benchmark hands each of its data workers (--num_workers, 4 by default) whole shards, and webdataset stops a worker
+# that gets none ("No samples found in dataset; perhaps you have fewer shards than workers"): a split is cut into at
+# least this many shards while it has as many images.
+MIN_SHARDS = 16
 RETRIEVAL = "retrieval"
 
 
 class ShardWriter:
     """FOLDER/test/{0,1,...}.tar of webdataset samples (files KEY.EXT, consecutive per key), then nshards.txt."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, total: int):
         self.folder = folder / SPLIT
         self.folder.mkdir(parents=True)
+        self.per_shard = max(1, min(SHARD_SAMPLES, -(-total // MIN_SHARDS)))
         self.samples = 0
         self.tar: tarfile.TarFile | None = None
 
     def write(self, key: str, files: dict[str, bytes]) -> None:
-        if self.samples % SHARD_SAMPLES == 0:
+        if self.samples % self.per_shard == 0:
             self.close_shard()
-            self.tar = tarfile.open(self.folder / f"{self.samples // SHARD_SAMPLES}.tar", "w")
+            self.tar = tarfile.open(self.folder / f"{self.samples // self.per_shard}.tar", "w")
         for ext, data in files.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mode = len(data), 0o644
@@ -67,7 +72,7 @@ class ShardWriter:
 
     def close(self) -> None:
         self.close_shard()
-        (self.folder / "nshards.txt").write_text(f"{-(-self.samples // SHARD_SAMPLES)}\n")
+        (self.folder / "nshards.txt").write_text(f"{-(-self.samples // self.per_shard)}\n")
 
 
 def distinct_images(ds, label_columns: tuple[str, ...]) -> list[dict]:
@@ -118,7 +123,7 @@ def write_wds(data: str, out: Path, label_columns: tuple[str, ...], templates) -
         raise ValueError(f"--data: {data} holds no samples")
     (out / RETRIEVAL).mkdir(parents=True)
     (out / RETRIEVAL / "dataset_type.txt").write_text(f"{RETRIEVAL}\n")
-    writers = {RETRIEVAL: ShardWriter(out / RETRIEVAL)}
+    writers = {RETRIEVAL: ShardWriter(out / RETRIEVAL, len(images))}
     targets = {}
     for column in label_columns:
         classes, targets[column] = label_targets([image["labels"][column] for image in images])
@@ -126,7 +131,7 @@ def write_wds(data: str, out: Path, label_columns: tuple[str, ...], templates) -
         (out / column / "classnames.txt").write_text("".join(readable(c) + "\n" for c in classes))
         (out / column / "zeroshot_classification_templates.txt").write_text(
             "".join(t.replace("{}", "{c}") + "\n" for t in templates))
-        writers[column] = ShardWriter(out / column)
+        writers[column] = ShardWriter(out / column, len(images))
     for i, image in enumerate(console.progress(len(images), "writing images", "image", iterable=images)):
         key, pixels = f"s{i:07d}", png(ds, image["index"])
         captions = "\n".join(" ".join(caption.splitlines()) for caption in image["captions"])
