@@ -338,7 +338,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="study folder: run folders, teacher cache, study.json/.md, plots")
     p.add_argument("--config", default="demo", help="named config or YAML file every run starts from")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", help=f"subset of the table (default: all); {BASELINE} is always added")
+    p.add_argument("--variants", nargs="+", help="subset of the table (default: all); the baseline is always added")
+    p.add_argument("--baseline", default=BASELINE, help="the variant every paired difference is taken against "
+                   f"(default {BASELINE}; plain_teacher_vocab for the teacher-vocabulary variants)")
     p.add_argument("--define", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
                    help="NAME OVERRIDE ...: add a variant to the table or replace one (repeatable)")
     p.add_argument("--steps", type=int, help="train.steps of every run (default: the config's)")
@@ -367,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     # point; resolve and validate them here from the same place.
     os.chdir(ROOT)
     table = VARIANTS | {name: overrides for name, *overrides in args.define}
-    # plain is always part of a study: every variant's paired difference needs it (done runs are reused, not rerun).
-    names = list(dict.fromkeys([BASELINE, *(args.variants or table)]))
+    # The baseline is always part of a study: every paired difference needs it (done runs are reused, not rerun).
+    names = list(dict.fromkeys([args.baseline, *(args.variants or table)]))
     unknown = [n for n in names if n not in table]
     if unknown:
         print(f"quality_study: unknown variant(s) {unknown}; known: {', '.join(table)}", file=sys.stderr)
@@ -446,16 +448,16 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         if (r.folder / "eval.json").is_file():
             results.setdefault(r.variant, {})[r.seed] = run_metrics(json.loads((r.folder / "eval.json").read_text()))
-    summary, paired = summarize(results, BASELINE)
+    summary, paired = summarize(results, args.baseline)
     present = {m for by_seed in results.values() for metrics in by_seed.values() for m in metrics}
     teachers = {r.variant: r.cfg.teacher for r in runs}
     study = {
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["quality_study.py", *argv]),
         "machine": start_machine, "config": args.config, "steps": base.train.steps, "seeds": args.seeds,
-        "baseline": BASELINE, "variants": {n: table[n] for n in names}, "common_overrides": common,
+        "baseline": args.baseline, "variants": {n: table[n] for n in names}, "common_overrides": common,
         "eval_args": args.eval_args, "label_cols": label_cols,
         "key_metrics": key_metrics(label_cols, present),
-        "teacher_differs": {n: d for n in names if (d := diff_configs(teachers[BASELINE], teachers[n]))},
+        "teacher_differs": {n: d for n in names if (d := diff_configs(teachers[args.baseline], teachers[n]))},
         "runs": {v: {s: results[v][s] for s in sorted(results[v])} for v in names if v in results},
         "failed": failed, "summary": summary, "paired": paired,
     }
