@@ -158,14 +158,23 @@ def run_log(run_dir: Path):
     return log_file(run_dir / ("log.txt" if rank() == 0 else f"log.rank{rank()}.txt"))
 
 
+@contextlib.contextmanager
 def beside(out: str | None):
     """`log_file` for a command whose result is the file or folder OUT: `OUT.log` next to it (`OUT.rank<N>.log` on
-    the other ranks), outside what it writes (an MDS folder holds only what streaming reads); no file without OUT."""
+    the other ranks), outside what it writes (an MDS folder holds only what streaming reads); no file without OUT.
+    The log goes with the result: a command that fails or is interrupted leaves nothing beside OUT (its one-line error
+    says why; --verbose shows the rest)."""
     if not out:
-        return contextlib.nullcontext()
+        yield None
+        return
     path = Path(str(out).rstrip("/") + (".log" if rank() == 0 else f".rank{rank()}.log"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    return log_file(path)
+    try:
+        with log_file(path):
+            yield path
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 class _LogWriter(io.TextIOBase):
