@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -25,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import DEMO_TEACHER, ROOT, machine, write_json
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TEACHER = os.environ.get("KCLIP_TEACHER") or str(ROOT / "teachers" / "SmolLM2-135M-Instruct.Q4_1.gguf")
 # CC3M's training pairs (~3.0 M downloadable) x Llama-2-7B's width: the production cache
 CC3M_SAMPLES, WIDE_TEACHER = 3_000_000, 4096
 
@@ -48,8 +46,6 @@ def errors(rows: torch.Tensor, dtype: str) -> dict:
 
 
 def run(args) -> dict:
-    from common import machine
-
     from kclip.config import load_config
     from kclip.eval.concept_map import sample_captions
     from kclip.teacher.cache import STORAGE
@@ -88,7 +84,7 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", default=DEFAULT_TEACHER, help="GGUF file or HF folder (default: %(default)s)")
+    parser.add_argument("--teacher", default=DEMO_TEACHER, help="GGUF file or HF folder (default: %(default)s)")
     parser.add_argument("--data", default=str(ROOT / "data" / "demo" / "train"))
     parser.add_argument("--captions", type=int, default=512, help="evenly spaced over the split")
     parser.add_argument("--random", type=int, default=4096, help="random unit vectors of the teacher's width")
@@ -104,9 +100,7 @@ def main(argv=None) -> int:
     print(table(result))
     sizes = ", ".join(f"{d} {gb:.1f} GB" for d, gb in result["cc3m_cache_gb"].items())
     print(f"CC3M cache, 4096-wide teacher: {sizes}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+# The real small teacher of the teacher benchmarks: $KCLIP_TEACHER, else where `kclip fetch-teacher` puts it.
+DEMO_TEACHER = os.environ.get("KCLIP_TEACHER") or str(ROOT / "teachers" / "SmolLM2-135M-Instruct.Q4_1.gguf")
 # Plain CLIP: no distillation, no concepts, so no teacher is loaded; token embeddings start random (the teacher's need it).
 PLAIN_CLIP = ["loss.distill_weight=0", "loss.concept_weight=0", "student.token_init=random"]
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -18,18 +18,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import random
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TEACHER = os.environ.get("KCLIP_TEACHER") or str(ROOT / "teachers" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+from common import DEMO_TEACHER, ROOT, cpu_model, write_json
 
 
 def demo_captions(n: int, seed: int = 0) -> list[str]:
@@ -92,7 +88,7 @@ def run(args) -> dict:
     return dict(
         teacher=Path(args.teacher).name, hidden_size=teacher.hidden_size, batch=args.batch, chunk=args.chunk,
         batches=args.batches, device=str(teacher.device), dtype=str(next(teacher.module.parameters()).dtype),
-        threads=args.threads, cpu=platform.processor() or platform.machine(), torch=torch.__version__,
+        threads=args.threads, cpu=cpu_model(), torch=torch.__version__,
         load_seconds=load_s, mean_tokens=float(lengths.mean()), max_tokens=int(lengths.max()), modes=stats,
     )
 
@@ -110,7 +106,7 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", default=DEFAULT_TEACHER, help="GGUF file or HF folder (default: %(default)s)")
+    parser.add_argument("--teacher", default=DEMO_TEACHER, help="GGUF file or HF folder (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=16, help="captions (rows, packed) per forward; the demo's value")
     parser.add_argument("--batches", type=int, default=4)
@@ -125,9 +121,7 @@ def main(argv=None) -> int:
           f"batch {result['batch']}, {result['batches']} batches, mean {result['mean_tokens']:.1f} tokens/caption, "
           f"max {result['max_tokens']}")
     print(table(result))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 
