@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+from functools import lru_cache
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -37,21 +38,32 @@ def cache_root() -> Path:
                 / "kclip")
 
 
-def _identity(path: str) -> dict:
+def sample_digest(path: Path, span: int = 1 << 20) -> str:
+    """Hash of a file's first and last `span` bytes: tells apart files with equal names and sizes (a base and a chat
+    model) without reading gigabytes. Also what the teacher fingerprint hashes of each weight file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(span))
+        f.seek(max(0, path.stat().st_size - span))
+        h.update(f.read(span))
+    return h.hexdigest()
+
+
+def _place(path: str) -> tuple[Path, dict]:
+    """(the folder of the GGUF `path`'s converted copy, its identity). One start looks it up for the config, the
+    tokenizer and the weights: computed once per version of the file."""
+    st = os.stat(path)
+    return _place_of(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _place_of(path: str, size: int, mtime_ns: int) -> tuple[Path, dict]:
     """What the converted weights depend on: the file (mtime_ns catches a file rewritten in place, the sampled bytes
     another file of the same size and time) and the code that de-quantises it."""
     from importlib.metadata import version
 
-    from kclip.teacher.model import _sample_digest
-
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample_sha256": _sample_digest(Path(path)),
-            "transformers": version("transformers"), "gguf": version("gguf")}
-
-
-def _place(path: str) -> tuple[Path, dict]:
-    """(the folder of the GGUF `path`'s converted copy, its identity)."""
-    identity = _identity(path)
+    identity = {"size": size, "mtime_ns": mtime_ns, "sample_sha256": sample_digest(Path(path)),
+                "transformers": version("transformers"), "gguf": version("gguf")}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return cache_root() / "gguf" / f"{Path(path).stem}-{key}", identity
 

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import struct
-from pathlib import Path
 
 import torch
 
@@ -185,24 +184,13 @@ def drop_layers_after(module: torch.nn.Module, layer: int) -> None:
         module.norm = torch.nn.Identity()
 
 
-def _sample_digest(path: Path, span: int = 1 << 20) -> str:
-    """Hash of a file's first and last `span` bytes: tells apart checkpoints with equal names and sizes (a base and a
-    chat model) without reading gigabytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(span))
-        f.seek(max(0, path.stat().st_size - span))
-        h.update(f.read(span))
-    return h.hexdigest()
-
-
 def _fingerprint(cfg: TeacherConfig, model_config, tokenizer, dtype: torch.dtype) -> str:
     """16 hex digits of a hash over everything that determines the embeddings; equal fingerprints, equal embeddings."""
     arch = {k: v for k, v in model_config.to_dict().items() if k not in CONFIG_KEYS_IGNORED}
     if cfg.random_config is not None:
         weights = {"random_seed": cfg.seed}
     else:
-        weights = {"files": [(f.name, f.stat().st_size, _sample_digest(f)) for f in weight_files(cfg.path)]}
+        weights = {"files": [(f.name, f.stat().st_size, gguf_cache.sample_digest(f)) for f in weight_files(cfg.path)]}
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     identity = {
         "config": arch, "weights": weights, "layer": cfg.layer, "normalize": cfg.normalize,
