@@ -56,9 +56,9 @@ def _file_held(held: collections.deque, argv: list[str], failed: bool) -> None:
         return
     if failed:
         sys.stderr.writelines(held)
-    log = (_run_folder(argv) or Path("/nonexistent")) / "log.txt"
-    if log.parent.is_dir():
-        with open(log, "a", encoding="utf-8") as f:
+    run = _run_folder(argv)
+    if run is not None and run.is_dir():
+        with open(run / "log.txt", "a", encoding="utf-8") as f:
             f.writelines(held)
 
 

@@ -80,13 +80,18 @@ def _worker_start_method(num_workers: int) -> str | None:
     return None
 
 
+class DataError(RuntimeError):
+    """The dataset changed under a running job: a shard it listed at the start is gone."""
+
+
 class LocalDataset(StreamingDataset):
     """A StreamingDataset over a local folder whose shard preparation costs nothing once a shard is on disk.
 
     streaming's background thread calls `prepare_shard` for every sample, and each call takes a file lock (an open, an
-    flock and a close): about 10 ms of CPU per batch of 64 on the demo data, a fifth of the loader's CPU. kclip's data is
-    local and never evicted (no remote, no cache_limit), so a shard found prepared (uncompressed on disk) stays so: the
-    lock is taken until then, and skipped after. A shard deleted during the run is `read_record`'s to report.
+    flock and a close), contending for the GIL with the decoding: ~20 ms per batch of 64 on the demo data, a third of
+    the loader's CPU (BENCHMARKS.md, Loader). kclip's data is local and never evicted (no remote, no cache_limit), so a
+    shard found prepared (uncompressed on disk) stays so: the lock is taken until then, and skipped after. A shard
+    deleted during the run is `read_record`'s to report.
     """
 
     def __init__(self, *args, **kwargs):
@@ -103,6 +108,33 @@ class LocalDataset(StreamingDataset):
                 and os.path.isfile(os.path.join(self.streams[0].local, raw))):
             self._prepared.add(shard_id)
         return delta
+
+    def _missing_shard(self, shard_id: int) -> str | None:
+        """The name of shard `shard_id` when neither its .mds nor its .mds.zstd is on disk any more."""
+        shard = self.shards[shard_id]
+        names = [part.basename for part in (shard.raw_data, shard.zip_data) if part is not None]
+        folder = self.streams[0].local
+        return None if any(os.path.exists(os.path.join(folder, name)) for name in names) else names[-1]
+
+    def read_record(self, index: int, retry: int) -> dict:
+        """Record `index`, after checking that its shard is still on disk (one stat when it is: streaming stats the
+        same file itself). A shard deleted mid-run is then one line naming it. Unchecked, the read ends in
+        streaming's "In the absence of local dataset, path to remote dataset must be provided", or "Background thread
+        failed" when its prefetch thread met the shard first, or waits forever for the shard that thread left marked
+        as being prepared."""
+        missing = self._missing_shard(self.spanner[index][0])
+        background_failed = getattr(self, "_event", None) is not None and self._event.is_set()
+        if missing is None and background_failed:
+            missing = next(filter(None, (self._missing_shard(s) for s in range(len(self.shards)))), None)
+        if missing is not None:
+            if hasattr(self, "_event"):
+                # Stop streaming's background threads, as streaming does when a read fails, and wait for them: a
+                # prefetch still retrying the shard would otherwise raise in the middle of whatever runs next.
+                self._event.set()
+                self._executor.shutdown(wait=True)
+            raise DataError(f"data: shard {missing} of {self.streams[0].local} is gone (deleted during the run?): "
+                            "restore it, then continue with --resume latest")
+        return StreamingDataset.get_item(self, index, retry)
 
 
 class CaptionImageDataset(LocalDataset):
@@ -151,7 +183,7 @@ class CaptionImageDataset(LocalDataset):
         """
         for offset in range(MAX_REPLACEMENTS):
             index = int(sample_id + offset) % self.num_samples
-            record = read_record(self, index, retry)
+            record = self.read_record(index, retry)
             try:
                 image = decode_rgb(record["image"])
             except Exception as e:  # noqa: BLE001 - PIL signals bad bytes with many exception types
@@ -173,39 +205,6 @@ class CaptionImageDataset(LocalDataset):
         raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive records from index {sample_id} do not decode")
 
 
-class DataError(RuntimeError):
-    """The dataset changed under a running job: a shard it listed at the start is gone."""
-
-
-def _missing_shard(dataset: StreamingDataset, shard_id: int) -> str | None:
-    """The name of shard `shard_id` when neither its .mds nor its .mds.zstd is on disk any more."""
-    shard = dataset.shards[shard_id]
-    names = [part.basename for part in (shard.raw_data, shard.zip_data) if part is not None]
-    folder = dataset.streams[0].local
-    return None if any(os.path.exists(os.path.join(folder, name)) for name in names) else names[-1]
-
-
-def read_record(dataset: StreamingDataset, index: int, retry: int) -> dict:
-    """Record `index` of `dataset`, after checking that its shard is still on disk (one stat when it is: streaming
-    stats the same file itself). A shard deleted mid-run is then one line naming it. Unchecked, the read ends in
-    streaming's "In the absence of local dataset, path to remote dataset must be provided", or "Background thread
-    failed" when its prefetch thread met the shard first, or waits forever for the shard that thread left marked as
-    being prepared."""
-    missing = _missing_shard(dataset, dataset.spanner[index][0])
-    background_failed = getattr(dataset, "_event", None) is not None and dataset._event.is_set()
-    if missing is None and background_failed:
-        missing = next(filter(None, (_missing_shard(dataset, s) for s in range(len(dataset.shards)))), None)
-    if missing is not None:
-        if hasattr(dataset, "_event"):
-            # Stop streaming's background threads, as streaming does when a read fails, and wait for them: a prefetch
-            # still retrying the shard would otherwise raise in the middle of whatever runs next.
-            dataset._event.set()
-            dataset._executor.shutdown(wait=True)
-        raise DataError(f"data: shard {missing} of {dataset.streams[0].local} is gone (deleted during the run?): "
-                        "restore it, then continue with --resume latest")
-    return StreamingDataset.get_item(dataset, index, retry)
-
-
 class CaptionDataset(LocalDataset):
     """MDS records -> {caption, index} only: for passes that need the text alone (no image is decoded)."""
 
@@ -213,7 +212,7 @@ class CaptionDataset(LocalDataset):
         super().__init__(local=data_dir, remote=None, batch_size=batch_size, shuffle=False, shuffle_algo=SHUFFLE_ALGO)
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict:
-        return {"caption": read_record(self, sample_id, retry)["caption"], "index": int(sample_id)}
+        return {"caption": self.read_record(sample_id, retry)["caption"], "index": int(sample_id)}
 
 
 def _resolve(tokenizer):
