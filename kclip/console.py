@@ -203,6 +203,11 @@ def printed_to_log(name: str):
         writer.write("\n")
 
 
+def comma_list(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated names (label columns, probes to skip), blanks dropped."""
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
 def add_verbose_flag(parser) -> None:
     """--verbose on a command's parser. `kclip.cli.main` reads it before the command's imports, so that their
     import-time lines obey it too; the parser only lists and accepts it."""

@@ -18,10 +18,6 @@ from kclip.data.sources import (
 )
 
 
-def _label_cols(text: str) -> tuple[str, ...]:
-    return tuple(c.strip() for c in text.split(",") if c.strip())
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -38,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--tokenizer", default="byte", help="tokenizer for the caption length stats: byte | PATH")
         sp.add_argument("--workers", type=_positive_int, default=min(8, os.cpu_count() or 1), help="decode-check processes")
         if labels:
-            sp.add_argument("--label-cols", type=_label_cols, default=(), help="comma-separated label columns/keys")
+            sp.add_argument("--label-cols", type=console.comma_list, default=(), help="comma-separated label columns/keys")
             sp.add_argument("--shard-mb", type=_positive_int, default=64, help="uncompressed shard size limit in MB")
             sp.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                             help="skip images with more pixels (width x height, read before decoding) as "

@@ -196,23 +196,19 @@ def evaluate(loaded: LoadedModel, *, data: str | None, label_columns=(), templat
     return metrics
 
 
-def _columns(text: str) -> tuple[str, ...]:
-    return tuple(c.strip() for c in text.split(",") if c.strip())
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kclip eval", description="Evaluate a student; see kclip/eval/run.py for keys.")
     p.add_argument("--checkpoint", required=True, help="run folder (latest checkpoint), step folder or export")
     p.add_argument("--data", help="MDS folder of image-caption pairs (retrieval, zero-shot, probes)")
     p.add_argument("--out", help="metrics.json to write (also printed)")
-    p.add_argument("--label-cols", type=_columns, default=(), help="comma-separated label columns of --data")
+    p.add_argument("--label-cols", type=console.comma_list, default=(), help="comma-separated label columns of --data")
     p.add_argument("--templates", help="file of zero-shot prompt templates, one per line with {}")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--probe-train", help="MDS folder training the probes (default: a fixed 70%% split of --data)")
     p.add_argument("--awa2", help="Animals_with_Attributes2 folder")
     p.add_argument("--cub", help="CUB_200_2011 folder")
-    p.add_argument("--skip", type=_columns, default=(), help=f"comma-separated subset of {','.join(PROBES)}")
+    p.add_argument("--skip", type=console.comma_list, default=(), help=f"comma-separated subset of {','.join(PROBES)}")
     p.add_argument("--teacher", help="teacher model path (HF folder or .gguf) for the kNN probe, instead of the run's")
     p.add_argument("--knn-k", type=int, default=DEFAULT_K)
     p.add_argument("--knn-max-captions", type=int, default=KNN_MAX_CAPTIONS)

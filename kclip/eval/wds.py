@@ -35,7 +35,6 @@ import tarfile
 from pathlib import Path
 
 from kclip import console
-from kclip.eval.run import _columns
 
 SPLIT = "test"  # the split `clip_benchmark eval` reads unless told otherwise
 SHARD_SAMPLES = 10_000  # samples per tar shard at most: clip_benchmark's own writer's default
@@ -149,7 +148,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kclip export-wds", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="MDS folder of image-caption pairs, as for kclip eval --data")
     p.add_argument("--out", required=True, help="output folder (absent or empty)")
-    p.add_argument("--label-cols", type=_columns, default=(), help="comma-separated label columns of --data: one "
+    p.add_argument("--label-cols", type=console.comma_list, default=(), help="comma-separated label columns of --data: one "
                    "zero-shot classification dataset each, as kclip eval --label-cols")
     p.add_argument("--templates", help="file of zero-shot prompt templates, one per line with {} (default: kclip "
                    "eval's)")
