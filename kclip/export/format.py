@@ -49,11 +49,17 @@ def preprocess_spec(image_size: int) -> dict:
             "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD), "transparent_background": "white"}
 
 
+def known_geometry(spec: dict) -> bool:
+    """Whether `spec` resizes, interpolates and crops as `preprocess_spec` writes: the one geometry kclip's readers
+    (build_preprocess, the open_clip form) can reproduce."""
+    return (spec["resize"], spec["interpolation"], spec["crop"]) == ("shorter_side", "bicubic", "center")
+
+
 def build_preprocess(spec: dict) -> T.Compose:
     """PIL image -> normalised pixels [3, s, s], from a preprocess.json spec."""
     from torchvision import transforms as T
 
-    if (spec["resize"], spec["interpolation"], spec["crop"]) != ("shorter_side", "bicubic", "center"):
+    if not known_geometry(spec):
         raise ModelLoadError(f"unsupported preprocessing {spec}")
     size = spec["image_size"]
     return T.Compose([to_rgb, T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),

@@ -44,7 +44,7 @@ import torch
 
 from kclip.config import Config
 from kclip.config.preflight import POOLING_PROBES
-from kclip.export.format import NotExpressible
+from kclip.export.format import NotExpressible, known_geometry
 from kclip.models.student import HFCLIPStudent, image_tower_kwargs
 from kclip.tokenizers import student_tokenizer_spec
 
@@ -203,7 +203,7 @@ def hf_clip_form(student: HFCLIPStudent, cfg: Config, tokenizer) -> tuple[dict, 
 
 def preprocess_cfg(spec: dict) -> dict:
     """open_clip's preprocess_cfg for kclip's preprocess spec (kclip.export.format.preprocess_spec)."""
-    if (spec["resize"], spec["interpolation"], spec["crop"]) != ("shorter_side", "bicubic", "center"):
+    if not known_geometry(spec):
         raise NotExpressible(f"open_clip: no preprocess_cfg for the preprocessing {spec}")
     return {"size": spec["image_size"], "mode": "RGB", "mean": spec["mean"], "std": spec["std"],
             "interpolation": "bicubic", "resize_mode": "shortest"}
