@@ -109,7 +109,6 @@ def student_flops_per_sample(model, cfg) -> tuple[float, dict]:
 
 
 def run(args) -> dict:
-    import deepspeed
     import torch
 
     from kclip import dist
@@ -117,7 +116,7 @@ def run(args) -> dict:
     from kclip.models.knowledge_clip import KnowledgeCLIP
     from kclip.teacher.model import build_teacher
     from kclip.tokenizers import student_tokenizer
-    from kclip.train.engine import build_optimizer, student_ds_config
+    from kclip.train.engine import build_engine
     from kclip.train.task import KnowledgeCLIPTask
 
     started = time.perf_counter()
@@ -139,7 +138,7 @@ def run(args) -> dict:
     teacher_params = sum(p.numel() for p in teacher.module.parameters())
     tokenizer = student_tokenizer(cfg)
     model = KnowledgeCLIP(cfg, tokenizer, teacher.hidden_size)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=student_ds_config(cfg))
+    engine = build_engine(model, cfg)
     student_flops, student_info = student_flops_per_sample(model, cfg)
     param_dtype = next(engine.module.parameters()).dtype
     # The trainer's step glue; the teacher is timed here on its own, so the task gets its targets from this loop.

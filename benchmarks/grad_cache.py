@@ -49,7 +49,6 @@ MIB = 2**20
 
 def measure(args) -> dict:
     """Runs in the child: builds the three engines and times `args.iters` alternating steps after 2 warm-up rounds."""
-    import deepspeed
     import torch
     import torch.nn.functional as F
 
@@ -58,7 +57,7 @@ def measure(args) -> dict:
     from kclip.config import load_config
     from kclip.models.knowledge_clip import KnowledgeCLIP
     from kclip.tokenizers import student_tokenizer
-    from kclip.train.engine import build_optimizer, seed_everything, student_ds_config
+    from kclip.train.engine import build_engine, seed_everything
     from kclip.train.task import KnowledgeCLIPTask
 
     torch.set_num_threads(args.threads)
@@ -73,7 +72,7 @@ def measure(args) -> dict:
         seed_everything(cfg.train.seed)  # the same initial weights for every variant
         tok = student_tokenizer(cfg)
         model = KnowledgeCLIP(cfg, tok, args.teacher_dim)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=student_ds_config(cfg))
+        engine = build_engine(model, cfg)
         tasks[name] = KnowledgeCLIPTask(cfg, engine)
 
     b, s = args.batch, cfg.student

@@ -102,7 +102,6 @@ def student_phases(config: str, overrides: list[str], teacher_dim: int, iters: i
     """Median ms of forward+loss, backward and optimizer step for both models, alternating per iteration on one real
     batch, and the k-means fit on a full buffer. Teacher embeddings are random unit vectors of the teacher's width:
     the student's cost does not depend on their values."""
-    import deepspeed
     import torch
     import torch.nn.functional as F
 
@@ -112,7 +111,7 @@ def student_phases(config: str, overrides: list[str], teacher_dim: int, iters: i
     from kclip.data.loader import build_loader
     from kclip.models.knowledge_clip import KnowledgeCLIP
     from kclip.tokenizers import student_tokenizer
-    from kclip.train.engine import build_optimizer, seed_everything, student_ds_config
+    from kclip.train.engine import build_engine, seed_everything
     from kclip.train.task import KnowledgeCLIPTask
 
     dist.init()
@@ -136,7 +135,7 @@ def student_phases(config: str, overrides: list[str], teacher_dim: int, iters: i
     for name, c in cfgs.items():
         seed_everything(c.train.seed)
         model = KnowledgeCLIP(c, tokenizer, teacher_dim if name == "kclip" else None)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, c), config=student_ds_config(c))
+        engine = build_engine(model, c)
         tasks[name] = KnowledgeCLIPTask(c, engine)  # the trainer's step glue, fed the random targets above
     times = {name: {"fwd_loss_ms": [], "backward_ms": [], "step_ms": []} for name in cfgs}
     order = list(cfgs)

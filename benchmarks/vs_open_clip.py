@@ -22,8 +22,9 @@ Data: the demo train split exported once to RGB PNG files and a TSV (filepath, t
 on exactly `text_max_len` tokens (open_clip always pads to the context, kclip pads to the batch's longest caption);
 `--captions natural` keeps the demo captions, which gives kclip's shorter padding an advantage.
 
-Timing: one epoch each (`--steps`, default the whole split), runs alternating kclip, open_clip, kclip, ... for
-`--rounds` rounds. Step time = wall time from the end of one step to the end of the next, logging included, startup
+Timing: one epoch each (`--steps`, default the whole split), runs alternating kclip, kclip with glibc's malloc
+defaults (`train.keep_freed_memory=false`: open_clip_train makes no allocator setting), open_clip, open_clip with
+kclip's allocator setting, kclip, ... for `--rounds` rounds. Step time = wall time from the end of one step to the end of the next, logging included, startup
 excluded: kclip's `time` of consecutive metrics.jsonl rows (log.every=1), open_clip's `Batch (t)` with
 --log-every-n-steps 1 (its timer restarts before the log line is written, so the logging lands in the next step's
 time, as in kclip). The first `--skip` steps of each run are left out. Reported: median per run, the ratio
@@ -64,6 +65,11 @@ WHOLE_RUN_TARGET = 1.0  # median ratio of whole runs (process start to exit)
 # Plain CLIP (no teacher) with the byte tokenizer the results were measured with: the demo config's own, the teacher's
 # (SmolLM2), puts no end-of-text token at a caption's end, where open_clip's text tower pools.
 PLAIN = [*PLAIN_CLIP, "student.tokenizer=byte"]
+# Each trainer as shipped, and each with the other's CPU allocator setting (kclip/train/memory.py; open_clip_train makes
+# none): the targets compare the first two; the other two show how much of the difference is the allocator rather than
+# the trainers' code.
+KCLIP_VARIANTS = {"kclip": [], "kclip_glibc_defaults": ["train.keep_freed_memory=false"]}
+OPEN_CLIP_VARIANTS = {"open_clip": [], "open_clip_kept_memory": ["--keep-freed-memory"]}
 OPEN_CLIP_STEP = re.compile(r"Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+)")
 DEFAULT_VENV_PYTHON = ROOT / "benchmarks" / ".venv" / "bin" / "python"
 
@@ -78,7 +84,6 @@ def component_profile(model_dir: str, tsv: str, mds: str, config: str, iters: in
     clip_grad_norm_ (open_clip_train's recipe), and open_clip's model with its ClipLoss and AdamW; then
     forward+backward of each tower alone (kclip vs open_clip). Separates trainer overhead from the towers' code.
     Also the data pipelines' cost per batch (`data_pipeline_cost`)."""
-    import deepspeed
     import open_clip
     import torch
 
@@ -86,7 +91,7 @@ def component_profile(model_dir: str, tsv: str, mds: str, config: str, iters: in
     from kclip.config import load_config
     from kclip.models.knowledge_clip import KnowledgeCLIP
     from kclip.tokenizers import student_tokenizer
-    from kclip.train.engine import build_optimizer, seed_everything, student_ds_config
+    from kclip.train.engine import build_engine, build_optimizer, seed_everything
     from kclip.train.task import KnowledgeCLIPTask
 
     dist.init()
@@ -100,7 +105,7 @@ def component_profile(model_dir: str, tsv: str, mds: str, config: str, iters: in
     mask = torch.ones_like(ids)
     seed_everything(0)
     module = KnowledgeCLIP(cfg, tok, None)
-    engine, *_ = deepspeed.initialize(model=module, optimizer=build_optimizer(module, cfg), config=student_ds_config(cfg))
+    engine = build_engine(module, cfg)
     task = KnowledgeCLIPTask(cfg, engine)  # the trainer's step glue
 
     def kclip_loss(model):
@@ -201,6 +206,11 @@ def open_clip_worker(argv: list[str]) -> None:
     if argv[0] == "--profile":
         print(json.dumps(component_profile(argv[1], argv[2], argv[3], argv[4], int(argv[5]), argv[6:])))
         return
+    if argv[0] == "--keep-freed-memory":  # kclip's CPU allocator setting, for a like-for-like comparison
+        from kclip.train.memory import keep_freed_memory
+
+        keep_freed_memory()
+        argv = argv[1:]
     from open_clip_train.main import main
 
     main(argv)
@@ -328,18 +338,21 @@ def main() -> None:
         for old in [*work.glob("kclip_*"), work / "logs"]:  # runs of an earlier invocation in a reused --work
             shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
         for r in range(args.rounds):
-            name = f"kclip_{r}"
-            s = run_kclip(kclip_train_cmd(args.config, work / name, args.overrides + kclip_overrides(cfg, mds, steps)),
-                          work / f"{name}.log", env, args.timeout)
-            runs.append({"trainer": "kclip", "round": r, "process_s": round(s, 1), "steps": kclip_steps(work / name)})
-            print(f"  {name}: {s:.0f} s, median step {summarise(runs[-1], args.skip)['wall_ms']:.0f} ms", flush=True)
-            name = f"open_clip_{r}"
-            s = run_logged([args.open_clip_python, __file__, "--open-clip-worker",
-                            *open_clip_args(cfg, tsv, model_dir, work / "logs", name, args)],
-                           work / f"{name}.log", env, args.timeout)
-            runs.append({"trainer": "open_clip", "round": r, "process_s": round(s, 1),
-                         "steps": open_clip_steps(work / "logs" / name / "out.log")})
-            print(f"  {name}: {s:.0f} s, median step {summarise(runs[-1], args.skip)['wall_ms']:.0f} ms", flush=True)
+            for trainer, extra in KCLIP_VARIANTS.items():
+                name = f"{trainer}_{r}"
+                s = run_kclip(kclip_train_cmd(args.config, work / name,
+                                              args.overrides + kclip_overrides(cfg, mds, steps) + extra),
+                              work / f"{name}.log", env, args.timeout)
+                runs.append({"trainer": trainer, "round": r, "process_s": round(s, 1), "steps": kclip_steps(work / name)})
+                print(f"  {name}: {s:.0f} s, median step {summarise(runs[-1], args.skip)['wall_ms']:.0f} ms", flush=True)
+            for trainer, extra in OPEN_CLIP_VARIANTS.items():
+                name = f"{trainer}_{r}"
+                s = run_logged([args.open_clip_python, __file__, "--open-clip-worker", *extra,
+                                *open_clip_args(cfg, tsv, model_dir, work / "logs", name, args)],
+                               work / f"{name}.log", env, args.timeout)
+                runs.append({"trainer": trainer, "round": r, "process_s": round(s, 1),
+                             "steps": open_clip_steps(work / "logs" / name / "out.log")})
+                print(f"  {name}: {s:.0f} s, median step {summarise(runs[-1], args.skip)['wall_ms']:.0f} ms", flush=True)
         total_s = time.perf_counter() - started
         profile = None
         if args.profile_iters:
@@ -349,29 +362,35 @@ def main() -> None:
             profile = json.loads((work / "profile.log").read_text().strip().splitlines()[-1])
 
     for run in runs:
-        expected = steps - 1 if run["trainer"] == "kclip" else steps  # kclip's first step has no predecessor row
+        expected = steps if run["trainer"] in OPEN_CLIP_VARIANTS else steps - 1  # kclip's first step has no predecessor row
         if len(run["steps"]) != expected:
             raise SystemExit(f"{run['trainer']} round {run['round']}: {len(run['steps'])} timed steps, expected {expected}")
-    table, ratios, whole_ratios = [], [], []
+    table, ratios, whole_ratios, glibc_ratios, kept_ratios = [], [], [], [], []
     for r in range(args.rounds):
-        kr, orun = runs[2 * r : 2 * r + 2]
-        k, o = summarise(kr, args.skip), summarise(orun, args.skip)
+        kr, gr, orun, krun = (next(x for x in runs if x["trainer"] == t and x["round"] == r)
+                              for t in ("kclip", "kclip_glibc_defaults", "open_clip", "open_clip_kept_memory"))
+        k, g, o, ok = (summarise(x, args.skip) for x in (kr, gr, orun, krun))
         ratios.append(k["wall_ms"] / o["wall_ms"])
+        glibc_ratios.append(g["wall_ms"] / o["wall_ms"])
+        kept_ratios.append(k["wall_ms"] / ok["wall_ms"])
         whole_ratios.append(kr["process_s"] / orun["process_s"])
-        table.append([r, k["wall_ms"], o["wall_ms"], ratios[-1], k["data_ms"], o["data_ms"], kr["process_s"],
-                      orun["process_s"], whole_ratios[-1]])
+        table.append([r, k["wall_ms"], o["wall_ms"], ratios[-1], g["wall_ms"], glibc_ratios[-1], ok["wall_ms"],
+                      kept_ratios[-1], k["data_ms"], o["data_ms"], kr["process_s"], orun["process_s"], whole_ratios[-1]])
     pooled = {t: median(s["wall_ms"] for x in runs if x["trainer"] == t for s in x["steps"] if s["step"] > args.skip)
-              for t in ("kclip", "open_clip")}
+              for t in (*KCLIP_VARIANTS, *OPEN_CLIP_VARIANTS)}
     ratio = median(ratios)
     print(f"\nstep time, ms (median of steps {args.skip + 1}-{steps} of each run; {args.config} student, batch "
           f"{cfg.train.global_batch_size}, {args.captions} captions, {args.threads} thread(s), "
           f"{cfg.data.num_workers} workers)")
-    print_table(["round", "kclip", "open_clip", "kclip/open_clip", "kclip data", "open_clip data", "kclip run s",
+    print_table(["round", "kclip", "open_clip", "kclip/open_clip", "kclip, glibc malloc defaults", "/open_clip",
+                 "open_clip, kclip's malloc setting", "kclip/it", "kclip data", "open_clip data", "kclip run s",
                  "open_clip run s", "run kclip/open_clip"], table, digits=2)
     whole = median(whole_ratios)
     print(f"median step ratio over rounds {ratio:.3f} (target <= {TARGET}); pooled medians kclip {pooled['kclip']:.1f} "
           f"ms, open_clip {pooled['open_clip']:.1f} ms -> {pooled['kclip'] / pooled['open_clip']:.3f}; median whole-run "
-          f"ratio {whole:.3f} (target <= {WHOLE_RUN_TARGET})")
+          f"ratio {whole:.3f} (target <= {WHOLE_RUN_TARGET}); with glibc's malloc defaults (train.keep_freed_memory=false) "
+          f"kclip's median step ratio is {median(glibc_ratios):.3f}; against open_clip with kclip's setting "
+          f"{median(kept_ratios):.3f}")
     if profile:
         print(f"\nprofile, ms (one synthetic batch of {cfg.train.global_batch_size}, full-length captions, "
               f"{args.profile_iters} iterations, variants rotated, median)")
@@ -389,7 +408,11 @@ def main() -> None:
         "open_clip_version": _open_clip_version(args.open_clip_python),
         "profile_ms": profile, "ratio_per_round": ratios, "ratio_median": ratio, "target": TARGET,
         "whole_run_ratio_per_round": whole_ratios, "whole_run_ratio_median": whole, "whole_run_target": WHOLE_RUN_TARGET, "pooled_median_ms": pooled,
-        "table": [dict(zip(["round", "kclip_ms", "open_clip_ms", "ratio", "kclip_data_ms", "open_clip_data_ms",
+        "glibc_defaults_ratio_per_round": glibc_ratios, "glibc_defaults_ratio_median": median(glibc_ratios),
+        "kept_memory_ratio_per_round": kept_ratios, "kept_memory_ratio_median": median(kept_ratios),
+        "table": [dict(zip(["round", "kclip_ms", "open_clip_ms", "ratio", "kclip_glibc_defaults_ms",
+                            "glibc_defaults_ratio", "open_clip_kept_memory_ms", "kept_memory_ratio", "kclip_data_ms",
+                            "open_clip_data_ms",
                             "kclip_run_s", "open_clip_run_s", "run_ratio"], row))
                   for row in table],
         "runs": runs,

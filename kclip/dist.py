@@ -163,10 +163,14 @@ def shm_shortfall(ranks_on_node: int) -> str | None:
             f"remove stale {shm_buffer_glob()} files of finished runs")
 
 
-def _remove_own_shm_buffer(path: str) -> None:
+_shm_buffer: str | None = None  # this rank's DeepSpeed CPU allreduce buffer, once the process group exists
+
+
+def _remove_own_shm_buffer() -> None:
     # The other ranks mapped this file at start-up; removing its name leaves their mappings intact.
-    with contextlib.suppress(OSError):
-        os.remove(path)
+    if _shm_buffer is not None:
+        with contextlib.suppress(OSError):
+            os.remove(_shm_buffer)
 
 
 class RendezvousError(RuntimeError):
@@ -179,7 +183,7 @@ def init(timeout_s: float = 600.0, rendezvous_timeout_s: float | None = None) ->
     The ranks must all join within `rendezvous_timeout_s` (default: `timeout_s`); after that `timeout_s` bounds every
     collective on gloo, so a dead or diverged rank surfaces as an error instead of a hang.
     """
-    global _heartbeat, _timeout
+    global _heartbeat, _timeout, _shm_buffer
     if dist.is_initialized():
         return
     began = time.monotonic()
@@ -205,8 +209,9 @@ def init(timeout_s: float = 600.0, rendezvous_timeout_s: float | None = None) ->
     dist.set_timeout(_timeout)
     if uses_cpu_accelerator():
         # At any interpreter exit, error exits included (a SIGKILL leaves it: tests and benchmarks sweep by port).
-        atexit.register(_remove_own_shm_buffer, f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
-                        f"{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank()}")
+        _shm_buffer = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+                       f"{os.environ['MASTER_PORT']}_{rank()}")
+        atexit.register(_remove_own_shm_buffer)
     if world_size() > 1:
         # Heartbeats come a second apart: a watchdog tighter than ten of them would take jitter for a death.
         _heartbeat = Heartbeat(watch_s=max(timeout_s, 10.0))
@@ -241,7 +246,10 @@ def _exit_lost(lost: list[int], waited_s: float) -> None:
     """The watchdog's end of a run whose peer died: one line, this rank's shared-memory buffer removed, exit 1."""
     print(f"kclip: error: rank {rank()}: rank(s) {', '.join(map(str, lost))} stopped responding (no heartbeat for "
           f"{waited_s:g} s, dist.timeout_s); resume with --resume latest", file=sys.stderr, flush=True)
-    atexit._run_exitfuncs()  # the atexit work (DeepSpeed's shm buffer) that os._exit would skip
+    # Of the atexit work that os._exit skips, only this rank's own: other libraries' exit handlers, run from this
+    # thread while the main thread is still inside their code (a collective, a barrier), can abort the process.
+    # streaming's shared memory is unlinked by multiprocessing's resource tracker once this process is gone.
+    _remove_own_shm_buffer()
     os._exit(1)  # the main thread may be blocked where no exception can reach it
 
 

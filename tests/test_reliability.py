@@ -40,6 +40,11 @@ def test_survivor_names_the_killed_rank_and_exits(shapes, tmp_path):
     # reaches (streaming's barrier between local ranks at an epoch start).
     errors = [line for line in err.splitlines() if line.startswith("kclip: error: rank 0: ")]
     assert len(errors) == 1 and "rank(s) 1 stopped responding" in errors[0], err[-2000:]
+    # The survivor removed its own allreduce buffer on its way out; the killed rank could not.
+    left = _own_shm_buffers(port)
+    for path in left:
+        os.remove(path)
+    assert [p.rsplit("_", 1)[1] for p in left] == ["1"], left
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The training step (`kclip.train.task.KnowledgeCLIPTask`) called directly on DeepSpeed engines in spawned ranks: GradCache
-accumulation gives one big batch's loss and update with every loss term on, and a non-finite micro-batch skips exactly
-its optimizer step without misaligning DeepSpeed's accumulation window, also through the training loop."""
+accumulation gives one big batch's loss and update with every loss term on, ZeRO stage 0 updates as ZeRO-1 does, and a
+non-finite micro-batch skips exactly its optimizer step without misaligning DeepSpeed's accumulation window, also
+through the training loop."""
 from __future__ import annotations
 
 import math
@@ -82,6 +83,38 @@ def test_grad_cache_accumulation_equals_one_big_batch(shapes, tmp_path, world_si
         assert {"contrastive", "distill", "concept"} <= set(r["terms"]), r
         assert not r["frozen"], r  # every parameter got a gradient, so every update was compared
         assert r["loss"] < 1e-5 and r["update"] < 1e-4, r
+
+
+def _zero_stages_agree(data: str, run_dir: str) -> dict:
+    """Two steps of ZeRO-1 (one batch of 16 per rank) against ZeRO stage 0, with that batch and as 4 micro-batches of 4:
+    worst relative differences of the losses and the parameter updates, and whether stage 0 all-reduced."""
+    runs = {"zero1": _setup(data, f"{run_dir}/zero1", PER_RANK),
+            "zero0": _setup(data, f"{run_dir}/zero0", PER_RANK, "train.zero_stage=0"),
+            "zero0_accum": _setup(data, f"{run_dir}/zero0_accum", 4, "train.zero_stage=0")}
+    batches = [b for _, b in zip(range(2), runs["zero1"].loader)]
+    losses, updates = {}, {}
+    for name, run in runs.items():
+        micro = PER_RANK // run.engine.gradient_accumulation_steps()
+        before, losses[name], updates[name] = _params(run.engine), [], []
+        for batch in batches:
+            losses[name].append(run.task.step(_split(batch, micro)).total)
+            after = _params(run.engine)
+            updates[name].append({n: after[n] - before[n] for n in after})
+            before = after
+    ref = "zero1"
+    worst_loss = max(abs(float(a - b)) / abs(float(a)) for name in runs for a, b in zip(losses[ref], losses[name]))
+    worst_update = max(float((updates[name][s][n] - u).norm() / u.norm())
+                       for name in runs for s in range(2) for n, u in updates[ref][s].items() if u.norm() > 1e-6)
+    return {"loss": worst_loss, "update": worst_update,
+            "allreduce": runs["zero0"].engine.enable_backward_allreduce}
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_zero_stage_0_updates_as_zero_1_does(shapes, tmp_path, world_size):
+    for r in run_ranks(_zero_stages_agree, str(shapes), str(tmp_path), world_size=world_size):
+        assert r["loss"] < 1e-5 and r["update"] < 1e-4, r
+        # On one rank the average over ranks is the identity, and the engine skips it.
+        assert r["allreduce"] == (world_size > 1), r
 
 
 def _nan_micro_batch_skips_its_step(data: str, run_dir: str) -> dict:

@@ -146,6 +146,33 @@ def test_elastic_resume_on_one_rank_continues_the_same_samples(shapes, tmp_path,
         assert value == pytest.approx(reference[step], rel=1e-4), step
 
 
+@pytest.mark.slow
+def test_a_stage_0_checkpoint_resumes_on_another_world_size_as_it_is(shapes, tmp_path):
+    """ZeRO stage 0 saves the optimizer state whole: a one-rank checkpoint continues on two ranks without DeepSpeed's
+    universal conversion, on the same samples and updates as the uninterrupted one-rank run."""
+    one_rank, two_ranks = tmp_path / "one", tmp_path / "two"
+    run_ok(train_cmd(one_rank, shapes, *TWO_RANK_RUN, "train.zero_stage=0"))
+    proc = run_ok(train_cmd(two_ranks, shapes, *TWO_RANK_RUN, "train.zero_stage=0", ranks=2,
+                            resume=str(one_rank / "checkpoints" / "step_00000016")))
+    assert "elastic resume: saved on 1 ranks, running on 2" in proc.stderr
+    assert not list((one_rank / "checkpoints").glob("*_universal"))
+    before, after = losses(one_rank), losses(two_ranks)
+    assert sorted(after) == list(range(17, 25))
+    for step, value in after.items():
+        assert value == pytest.approx(before[step], rel=1e-4), step
+
+
+@pytest.mark.slow
+def test_resuming_a_partitioned_optimizer_at_stage_0_fails_in_one_line(shapes, tmp_path, reference_run):
+    proc = subprocess.run(train_cmd(tmp_path / "run", shapes, *TWO_RANK_RUN, "train.zero_stage=0",
+                                    resume=str(reference_run / "checkpoints" / "step_00000016")),
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("kclip: error:")]
+    assert len(lines) == 1 and "holds its optimizer state partitioned over its ranks" in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 def test_plain_clip_never_loads_the_teacher(shapes, tmp_path):
     run = tmp_path / "plain"
     # A teacher path that does not exist proves the teacher is never touched when its losses are off.

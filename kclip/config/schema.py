@@ -216,8 +216,9 @@ class TrainConfig:
     micro_batch_size: int | None = num(None, AT_LEAST_1)
     seed: int = num(0, SEED)
     precision: str = one_of("auto", ("auto", "fp32", "bf16"))  # auto = bf16 on GPU, fp32 on CPU
-    zero_stage: int = one_of(1, (1, 2))  # student engine
+    zero_stage: int = one_of(1, (0, 1, 2))  # student engine; 0: every rank keeps the whole optimizer state
     compile: bool = False
+    keep_freed_memory: bool = True  # CPU training: glibc's malloc keeps what a step frees for the next (train/memory.py)
     max_bad_steps: int = num(5, AT_LEAST_1)  # consecutive non-finite steps before the run stops
 
 

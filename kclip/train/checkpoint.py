@@ -160,6 +160,22 @@ def saved_world_size(tag_dir: Path) -> int:
     return int((tag_dir / COMPLETE).read_text().strip().split("=")[1])
 
 
+def optimizer_partitioned(tag_dir: Path) -> bool:
+    """Whether DeepSpeed saved the optimizer state in per-rank partitions (ZeRO-1/2, and its bf16 optimizer at any
+    stage) rather than whole in the model-state file (ZeRO stage 0 in fp32), which any world size loads as it is."""
+    return any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+def check_optimizer_layout(tag_dir: Path, partitions: bool, zero_stage: int) -> None:
+    """One line instead of DeepSpeed's missing-file error when the run and the checkpoint disagree on partitioning."""
+    if optimizer_partitioned(tag_dir) == partitions:
+        return
+    saved = "partitioned over its ranks (ZeRO-1/2 or bf16)" if not partitions else "whole (ZeRO stage 0, fp32)"
+    raise CheckpointError(f"checkpoint {tag_dir} holds its optimizer state {saved}, which this run "
+                          f"(train.zero_stage={zero_stage}) cannot load: resume with the stage and precision it was "
+                          f"saved with")
+
+
 def universal_copy(tag_dir: Path) -> Path:
     """Collective. DeepSpeed's ZeRO-1/2 optimizer state is partitioned by world size; to resume on another world
     size the checkpoint is converted once (on rank 0) to DeepSpeed's world-size-independent universal format, which

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kclip import console, dist
 from kclip.config import Config
+from kclip.train.memory import keep_freed_memory
 from kclip.train.metrics import TrainingLog
 from kclip.train.run_folder import claim
 from kclip.train.schedule import lr_at
@@ -73,6 +74,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
     held, so a refused run writes nothing into the folder."""
     run_dir = Path(run_dir)
     dist.init(cfg.dist.timeout_s, cfg.dist.rendezvous_timeout_s)
+    if cfg.train.keep_freed_memory and dist.device().type == "cpu":
+        keep_freed_memory()
     with claim(run_dir, overwrite), console.run_log(run_dir):
         stop = StopSignal(run_dir)
         run = open_run(cfg, run_dir, resume, allow_config_change)

@@ -17,7 +17,7 @@ from kclip.teacher.cache import open_cache
 from kclip.teacher.model import build_teacher
 from kclip.tokenizers import student_tokenizer
 from kclip.train import checkpoint
-from kclip.train.engine import build_optimizer, seed_everything, student_ds_config
+from kclip.train.engine import build_engine, partitions_optimizer, seed_everything
 from kclip.train.task import KnowledgeCLIPTask
 
 log = logging.getLogger("kclip.train")
@@ -45,7 +45,6 @@ class Run:
 
 def setup(cfg: Config, run_dir: Path, *, load_universal: bool) -> Run:
     """Teacher, student engine, loader, teacher cache and concept bank (collective)."""
-    import deepspeed
 
     began = time.monotonic()
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
@@ -57,10 +56,7 @@ def setup(cfg: Config, run_dir: Path, *, load_universal: bool) -> Run:
     tokenizer = student_tokenizer(cfg)
     model = KnowledgeCLIP(cfg, tokenizer, teacher.hidden_size if teacher else None)
     init_token_embeddings(model.student, cfg.student, teacher)
-    ds_config = student_ds_config(cfg)
-    if load_universal:
-        ds_config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds_config)
+    engine = build_engine(model, cfg, load_universal=load_universal)
     if cfg.train.compile:
         engine.compile()
     began = dist.log_startup("student and its DeepSpeed engine built", began)
@@ -76,10 +72,11 @@ def setup(cfg: Config, run_dir: Path, *, load_universal: bool) -> Run:
     return Run(cfg, run_dir, engine, tokenizer, loader, KnowledgeCLIPTask(cfg, engine, teacher=teacher, cache=cache))
 
 
-def restore(run: Run, tag_dir: Path, *, elastic: bool, allow_config_change: bool) -> None:
+def restore(run: Run, tag_dir: Path, *, elastic: bool, universal: bool, allow_config_change: bool) -> None:
     """Continue from checkpoint `tag_dir`: weights, optimizer, step, sample order, counters, concepts; and, on the
-    same world size, every rank's RNG state and embedding buffer (so the run continues bit for bit)."""
-    engine_dir = checkpoint.universal_copy(tag_dir) if elastic else tag_dir
+    same world size, every rank's RNG state and embedding buffer (so the run continues bit for bit). `universal`:
+    DeepSpeed's files are read from the checkpoint's world-size-independent copy."""
+    engine_dir = checkpoint.universal_copy(tag_dir) if universal else tag_dir
     client, rank_state = checkpoint.load(run.engine, tag_dir, engine_dir)
     changed = diff_configs(from_dict(client["config"]), run.cfg)
     changed = [c for c in changed if not c.startswith(("train.steps", "checkpoint.", "log.", "eval.", "dist."))]
@@ -110,10 +107,15 @@ def open_run(cfg: Config, run_dir: Path, resume: str | None, allow_config_change
         (run_dir / "checkpoints").mkdir(exist_ok=True)
     dist.barrier()
     tag_dir = checkpoint.resolve(run_dir, resume) if resume else None
-    elastic = tag_dir is not None and checkpoint.saved_world_size(tag_dir) != dist.world_size()
-    run = setup(cfg, run_dir, load_universal=elastic)
+    elastic = universal = False
     if tag_dir is not None:
-        restore(run, tag_dir, elastic=elastic, allow_config_change=allow_config_change)
+        checkpoint.check_optimizer_layout(tag_dir, partitions_optimizer(cfg), cfg.train.zero_stage)
+        elastic = checkpoint.saved_world_size(tag_dir) != dist.world_size()
+        # A partitioned optimizer state is cut for the saved world size; a whole one loads on any.
+        universal = elastic and checkpoint.optimizer_partitioned(tag_dir)
+    run = setup(cfg, run_dir, load_universal=universal)
+    if tag_dir is not None:
+        restore(run, tag_dir, elastic=elastic, universal=universal, allow_config_change=allow_config_change)
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
         save_hf_clip_copy(cfg, run_dir)
