@@ -10,10 +10,12 @@ import pytest
 
 # A fresh interpreter per measurement: glibc's thresholds adapt to what the process allocated before.
 STEPS = """
-import resource, sys, torch
+import ctypes, resource, sys, torch
 from kclip.train.memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
+else:  # glibc's starting threshold, held fixed: every 4 MiB block is mapped anew and given back when freed
+    assert ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10) == 1  # M_MMAP_THRESHOLD
 
 def step():  # 20 activations of 4 MiB, written, then all freed, as a training step's are
     activations = [torch.ones(1 << 20) for _ in range(20)]
@@ -35,6 +37,8 @@ def faults_per_step(mode: str) -> float:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 def test_a_step_reuses_the_memory_the_previous_one_freed():
-    # glibc's defaults return the 80 MiB to the kernel after every step; kept, at most a few blocks are new.
-    assert faults_per_step("default") > 0.9 * PAGES_PER_STEP
-    assert faults_per_step("keep") < 0.05 * PAGES_PER_STEP
+    # The control shows the count sees memory given back. It is not glibc's default: the default adapts its
+    # thresholds and gives back anything from none to all of a step's 80 MiB, depending on where the heap's blocks
+    # landed (a fifth in one CI run, all of it in most); kept, 2-6% of a step's pages are new.
+    assert faults_per_step("given_back") > 0.9 * PAGES_PER_STEP
+    assert faults_per_step("keep") < 0.1 * PAGES_PER_STEP
