@@ -43,7 +43,7 @@ def _params(engine) -> dict[str, torch.Tensor]:
 
 def _accumulation_matches_the_big_batch(data: str, run_dir: str) -> dict:
     """Two steps from the same initial weights on the same rows: one batch of 16 against 4 micro-batches of 4, the
-    concept bank fitted after the first step so that the second has all three terms. Returns the worst relative
+    concept bank fitted once after the first step so that the second has all three terms. Returns the worst relative
     differences of the losses and of the parameter updates."""
     from kclip import dist
 
@@ -62,8 +62,13 @@ def _accumulation_matches_the_big_batch(data: str, run_dir: str) -> dict:
             after = _params(run.engine)
             updates[name].append({n: after[n] - before[n] for n in after})
             before = after
-            if step == 0:
+            # One fit, which both runs use: k-means is discontinuous in its input, and the teacher embeddings it
+            # clusters differ in their last bit between a batch of 16 and batches of 4 on some CPUs' kernels.
+            if step == 0 and name == "full":
                 run.task.bank.fit(run.task.buffer.tensor(), mean=run.task.stats.mean)
+                bank = run.task.bank.state_dict()
+            elif step == 0:
+                run.task.bank.load_state_dict(bank)
         assert run.engine.global_steps == 2
     worst_loss = max(abs(float(a[k] - b[k])) / max(abs(float(a[k])), 1e-6)
                      for a, b in zip(losses["full"], losses["accum"]) for k in a)
