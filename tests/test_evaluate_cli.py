@@ -4,6 +4,7 @@ a plain-CLIP run given a teacher, and 2-rank evaluation."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -67,6 +68,14 @@ def test_eval_cli_plain_run_probe_train_and_errors(runs, tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "nothing"), "--data", str(runs["data"])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kclip eval: error:")
+    half_written = tmp_path / "half"
+    shutil.copytree(runs["data"], half_written)
+    (half_written / "stats.json").unlink()  # what an interrupted `kclip prepare` leaves
+    for flag, folder, why in (("--data", tmp_path, "is not an MDS dataset"), ("--probe-train", half_written, "incomplete")):
+        args = {"--data": str(runs["data"]), flag: str(folder)}
+        assert main(["--checkpoint", str(runs["plain"]), *(a for kv in args.items() for a in kv)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"kclip eval: error: {flag}: {folder} ") and why in err[0], err
 
 
 def test_plain_run_given_a_teacher_reports_knn_overlap_with_its_own_teacher_settings(runs, tmp_path):

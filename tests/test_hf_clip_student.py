@@ -106,14 +106,16 @@ def test_a_clip_folder_or_tokenizer_that_cannot_work_is_one_config_error(tmp_pat
 
 
 @pytest.mark.parametrize("config, message", [
-    (None, "has no config.json"), ({"model_type": "llama"}, "holds a 'llama' model, not a CLIPModel"),
-], ids=["no_config", "not_clip"])
+    (None, "has no config.json"), ('{"model_type": "llama"}', "holds a 'llama' model, not a CLIPModel"),
+    ('{"model_type": "cl', r"is unreadable \(JSONDecodeError: "), ("[]", "is not a model config"),
+], ids=["no_config", "not_clip", "truncated", "not_an_object"])
 def test_a_folder_that_is_no_clip_model_is_one_config_error(tmp_path, config, message):
     (tmp_path / "clip").mkdir()
     if config is not None:
-        (tmp_path / "clip" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=f"^student.hf_clip: .* {message}"):
+        (tmp_path / "clip" / "config.json").write_text(config)
+    with pytest.raises(ConfigError, match=rf"^student.hf_clip: \S+ {message}") as err:
         validate(hf_config(tmp_path / "clip"), 1)
+    assert "\n" not in str(err.value)
 
 
 def test_the_byte_tokenizer_with_a_clip_student_fails_before_any_process_group(tmp_path):

@@ -417,6 +417,9 @@ def test_clear_errors(tmp_path, monkeypatch):
         build_teacher(TeacherConfig(path=str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match="has no config.json"):
         build_teacher(TeacherConfig(path=str(tmp_path)))
+    (tmp_path / "config.json").write_text('{"model_type": "lla')  # an interrupted copy
+    with pytest.raises(ConfigError, match="config.json is unreadable"):
+        build_teacher(TeacherConfig(path=str(tmp_path)))
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="holds no weights"):
         build_teacher(TeacherConfig(path=str(tmp_path)))

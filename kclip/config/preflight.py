@@ -33,12 +33,23 @@ def mds_num_samples(folder: str | os.PathLike) -> int:
     return sum(s["samples"] for s in shards)
 
 
-def _read_json(key: str, path: Path):
+def _read_json(key: str, path: Path, remedy: str = "rebuild the dataset with `kclip prepare`"):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: truncated or garbage JSON, bytes that are not UTF-8
-        raise ConfigError(f"{key}: {path} is unreadable ({type(e).__name__}: {e}); rebuild the dataset with "
-                          "`kclip prepare`") from None
+        raise ConfigError(f"{key}: {path} is unreadable ({type(e).__name__}: {e}); {remedy}") from None
+
+
+def _model_config(key: str, folder: str, expected: str) -> dict:
+    """The config.json of a Hugging Face model folder, read here so that a missing, truncated or foreign one is one
+    line naming `key` rather than a traceback from deep inside transformers."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{key}: {folder} has no config.json (expected {expected})")
+    config = _read_json(key, path, remedy=f"expected {expected}")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{key}: {path} is not a model config (a JSON object; expected {expected})")
+    return config
 
 
 def _index_shards(key: str, folder: Path) -> list[tuple[str, str | None, int]]:
@@ -112,8 +123,7 @@ def check_teacher_path(path: str) -> None:
     if not os.path.exists(path):
         raise ConfigError(f"teacher.path: no such file or folder {path}")
     if os.path.isdir(path):
-        if not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"teacher.path: {path} has no config.json (expected a Hugging Face model folder or a .gguf file)")
+        _model_config("teacher.path", path, expected="a Hugging Face model folder or a .gguf file")
         if not weight_files(path):
             raise ConfigError(f"teacher.path: {path} holds no weights (*.safetensors or *.bin)")
     elif not path.endswith(".gguf"):
@@ -181,9 +191,7 @@ def check_hf_clip(cfg: Config) -> None:
     st = cfg.student
     if not os.path.isdir(st.hf_clip):
         raise ConfigError(f"student.hf_clip: no such folder {st.hf_clip}")
-    if not (Path(st.hf_clip) / "config.json").is_file():
-        raise ConfigError(f"student.hf_clip: {st.hf_clip} has no config.json (expected a Hugging Face CLIPModel folder)")
-    model_type = json.loads((Path(st.hf_clip) / "config.json").read_text()).get("model_type")
+    model_type = _model_config("student.hf_clip", st.hf_clip, expected="a Hugging Face CLIPModel folder").get("model_type")
     if model_type != "clip":
         raise ConfigError(f"student.hf_clip: {st.hf_clip} holds a {model_type!r} model, not a CLIPModel")
     if not weight_files(st.hf_clip):

@@ -227,11 +227,15 @@ def main(argv: list[str]) -> int:
         print("kclip eval: error: nothing to evaluate: give --data and/or --awa2/--cub", file=sys.stderr)
         return 2
     from kclip import dist
+    from kclip.config.preflight import check_mds
     from kclip.eval.zeroshot import load_templates
     from kclip.export.load import load_model
     from kclip.train.checkpoint import CheckpointError
 
     try:
+        # Before the model loads: streaming reads a half-written or missing folder with a traceback, or hangs on it.
+        check_mds("--data", args.data, required=False)
+        check_mds("--probe-train", args.probe_train, required=False)
         templates = load_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
         dist.map_launcher_env()
         if int(os.environ["WORLD_SIZE"]) > 1:
