@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from evalruns import single_thread, tiny_runs
 from PIL import Image
+from shapes import make_shapes_mds
 
 import kclip
 from kclip.config import load_config
@@ -27,6 +30,7 @@ from kclip.export.load import (
 )
 from kclip.export.save import export_model
 from kclip.export.save import main as export_main
+from kclip.tokenizers import ending_with_eos, load_tokenizer
 
 TEXTS = ["a red circle", "a blue square", "something else entirely"]
 
@@ -111,3 +115,34 @@ def test_embed_cli_texts_and_images(runs, tmp_path, capsys):
     assert (tmp_path / "i.paths.txt").read_text().splitlines() == ["a.jpg", "sub/b.png"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == 2
     assert embed.main(["--model", str(out), "--images", str(tmp_path / "none"), "--out", str(tmp_path / "x.npy")]) == 2
+
+
+DEMO_TEACHER = Path(load_config("demo", []).teacher.path).absolute()
+
+
+@pytest.mark.skipif(not DEMO_TEACHER.is_file(), reason="the demo teacher (kclip fetch-teacher) is not downloaded")
+def test_a_run_on_the_teachers_tokenizer_loads_from_elsewhere_after_the_teacher_is_gone(tmp_path, monkeypatch):
+    """The demo's student reads the teacher's tokenizer, which its config names by a path relative to where training
+    was launched (teachers/...gguf). The run keeps a copy: export, eval and kclip.load read the checkpoint from any
+    folder, and after the teacher has moved, with the ids training saw."""
+    from kclip.train.loop import train
+
+    launched = tmp_path / "launched"
+    (launched / "teachers").mkdir(parents=True)
+    os.symlink(DEMO_TEACHER, launched / "teachers" / "teacher.gguf")
+    data = make_shapes_mds(tmp_path / "shapes", n=16)
+    monkeypatch.chdir(launched)
+    cfg = load_config("smoke", ["student.tokenizer=teachers/teacher.gguf", f"data.train={data}", "train.steps=1",
+                                "train.global_batch_size=8", "log.tensorboard=false", "dist.timeout_s=60"])
+    with single_thread():
+        train(cfg, tmp_path / "run")
+    trained_ids = student_tokenizer(cfg)(TEXTS)["input_ids"]
+    assert all(ids[-1] == student_tokenizer(cfg).eos_token_id for ids in trained_ids)  # ending_with_eos applied
+
+    (launched / "teachers" / "teacher.gguf").unlink()
+    monkeypatch.chdir(tmp_path)
+    ending_with_eos.cache_clear()  # as in a new process: nothing of the teacher's tokenizer is left in memory
+    load_tokenizer.cache_clear()
+    assert load_model(Path("run")).tokenizer.hf(TEXTS)["input_ids"] == trained_ids
+    assert export_main(["run", "export"]) == 0
+    assert kclip.load("export")[1].hf(TEXTS)["input_ids"] == trained_ids

@@ -9,7 +9,9 @@
 Only the student towers are built (no distillation/concept heads): encode_image/encode_text give L2-normalised
 embeddings exactly as in training. A checkpoint of a Hugging Face CLIP student takes its architecture and tokenizer
 from its run's copy (`RUN/hf_clip/`, written when training starts) and its weights from the checkpoint; runs from
-before that copy need the `student.hf_clip` folder they were fine-tuned from.
+before that copy need the `student.hf_clip` folder they were fine-tuned from. Likewise a student tokenizer read from
+files (the teacher's, or a folder) comes from the run's `RUN/tokenizer/`, so a relative `teacher.path` need not
+resolve from where the checkpoint is read.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from kclip.export.format import (
     preprocess_spec,
 )
 from kclip.models.knowledge_clip import KnowledgeCLIP
-from kclip.models.student import RUN_HF_CLIP
+from kclip.models.student import RUN_HF_CLIP, RUN_TOKENIZER
 from kclip.tokenizers import load_tokenizer, student_tokenizer
 from kclip.train import checkpoint
 
@@ -118,9 +120,14 @@ def load_checkpoint_model(tag_dir: Path, device) -> LoadedModel:
     if "config" not in client:
         raise ModelLoadError(f"{tag_dir}: checkpoint has no kclip config in its client state")
     cfg = from_dict(client["config"])
-    run_copy = tag_dir.absolute().parent.parent / RUN_HF_CLIP
-    hf_clip = str(run_copy) if cfg.student.hf_clip and run_copy.is_dir() else None
-    tokenizer = load_tokenizer(hf_clip) if hf_clip else student_tokenizer(cfg)
+    run_dir = tag_dir.absolute().parent.parent
+    hf_clip = str(run_dir / RUN_HF_CLIP) if cfg.student.hf_clip and (run_dir / RUN_HF_CLIP).is_dir() else None
+    if hf_clip:
+        tokenizer = load_tokenizer(hf_clip)
+    elif (run_dir / RUN_TOKENIZER).is_dir():
+        tokenizer = load_tokenizer(str(run_dir / RUN_TOKENIZER))
+    else:  # a byte-tokenizer run, or one from before the run kept its tokenizer
+        tokenizer = student_tokenizer(cfg)
     model = build_encoder(cfg, tokenizer, hf_clip=hf_clip)
     model.student.load_state_dict(student_weights(tag_dir, client["module"]))
     return LoadedModel(model.to(device).eval(), TextTokenizer(tokenizer, cfg.student.text_max_len), cfg,

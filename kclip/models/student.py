@@ -18,11 +18,14 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
 from kclip.config import Config, StudentConfig
 from kclip.config.preflight import weight_files
-from kclip.tokenizers import student_tokenizer
+from kclip.tokenizers import student_tokenizer, student_tokenizer_spec
 
 # A run folder's copy of its Hugging Face CLIP student's config and tokenizer, without weights (the checkpoints hold
 # those): the run's checkpoints load, evaluate and export after the student.hf_clip folder has moved or gone.
 RUN_HF_CLIP = "hf_clip"
+# A run folder's copy of a student tokenizer read from files (student.tokenizer=teacher or a folder): the config names
+# those files by a path that may be relative to where training was launched, or that may have moved since.
+RUN_TOKENIZER = "tokenizer"
 
 
 def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -120,15 +123,20 @@ def build_student(cfg: StudentConfig, tokenizer) -> nn.Module:
     return DualEncoder(cfg, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
 
 
-def save_hf_clip_copy(cfg: Config, run_dir: Path) -> None:
-    """Write RUN/hf_clip/ (RUN_HF_CLIP) for a Hugging Face CLIP student; nothing for the other students, which their
-    run's config alone describes. Rank 0, before training."""
-    if not cfg.student.hf_clip:
+def save_student_copy(cfg: Config, run_dir: Path) -> None:
+    """Write what a checkpoint of this run needs besides its config and weights: RUN/hf_clip/ (RUN_HF_CLIP) for a
+    Hugging Face CLIP student, RUN/tokenizer/ (RUN_TOKENIZER) for a student tokenizer read from files; nothing for a
+    byte-tokenizer student, which the config alone describes. Rank 0, before training."""
+    if cfg.student.hf_clip:
+        out = run_dir / RUN_HF_CLIP
+    elif student_tokenizer_spec(cfg) != "byte":
+        out = run_dir / RUN_TOKENIZER
+    else:
         return
-    out = run_dir / RUN_HF_CLIP
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    CLIPConfig.from_pretrained(cfg.student.hf_clip).save_pretrained(tmp)
+    if cfg.student.hf_clip:
+        CLIPConfig.from_pretrained(cfg.student.hf_clip).save_pretrained(tmp)
     student_tokenizer(cfg).save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

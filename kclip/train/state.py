@@ -11,7 +11,7 @@ from kclip import dist
 from kclip.config import Config, diff_configs, from_dict, save_config, to_dict
 from kclip.data.loader import build_loader
 from kclip.models.knowledge_clip import KnowledgeCLIP
-from kclip.models.student import save_hf_clip_copy
+from kclip.models.student import save_student_copy
 from kclip.models.token_init import init_token_embeddings
 from kclip.teacher.cache import open_cache
 from kclip.teacher.model import build_teacher
@@ -118,7 +118,7 @@ def open_run(cfg: Config, run_dir: Path, resume: str | None, allow_config_change
         restore(run, tag_dir, elastic=elastic, universal=universal, allow_config_change=allow_config_change)
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
-        save_hf_clip_copy(cfg, run_dir)
+        save_student_copy(cfg, run_dir)
     return run
 
 
