@@ -62,14 +62,19 @@ def test_cache_files_get_their_disk_blocks_when_opened(tmp_path, data):
     assert hit.all() and torch.equal(emb, first)
 
 
-def test_a_disk_too_small_for_the_cache_fails_at_open_in_one_line(tmp_path, data, monkeypatch):
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EDQUOT], ids=["disk_full", "quota"])
+def test_a_disk_too_small_for_the_cache_fails_at_open_in_one_line(tmp_path, data, monkeypatch, error):
     teacher = build_teacher(TeacherConfig(random_config=TINY), shard=False)
-    monkeypatch.setattr(os, "posix_fallocate", _no_space)
+
+    def no_space(*args):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
     with pytest.raises(TeacherCacheError) as failure:
         _cache(tmp_path, teacher, data)
     message = str(failure.value)
     emb_bytes = 24 * TINY["hidden_size"] * 4
-    assert message.startswith("No space left on device: ") and "\n" not in message
+    assert message.startswith(f"{os.strerror(error)}: ") and "\n" not in message
     assert message.endswith(f"emb.f32 (needs {emb_bytes / 1e9:.3g} GB)")
     (folder,) = tmp_path.glob("*/node0")
     assert (folder / "emb.f32").stat().st_size == 0 and not (folder / "meta.json").exists()
@@ -121,7 +126,8 @@ def test_kclip_train_whose_disk_fills_during_a_save_stops_in_one_line(tmp_path, 
 
 def _save_while_disks_fill(ckpt_dir: str) -> list:
     """A tiny ZeRO-1 engine saves step 1, then steps whose writes fail on some ranks (DeepSpeed's files, kclip's
-    rank file, rank 0's COMPLETE), then step 9: what each save raised, and what each left on disk."""
+    rank file, rank 0's COMPLETE; a full disk, then a quota), then step 9: what each save raised, and what each left
+    on disk."""
     import deepspeed
 
     from kclip import dist
@@ -133,16 +139,19 @@ def _save_while_disks_fill(ckpt_dir: str) -> list:
     ckpt_dir, last = Path(ckpt_dir), dist.world_size() - 1
     real_save, real_write = torch.save, checkpoint._atomic_write
 
-    def disk_fills(ranks, files):
+    def disk_fills(ranks, files, quota=()):
         def save(obj, f, *args, **kwargs):
+            if dist.rank() in quota and files(str(f)):
+                raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
             return real_save(obj, "/dev/full" if dist.rank() in ranks and files(str(f)) else f, *args, **kwargs)
         return save
 
     deepspeed_files, rank_file = (lambda f: not f.endswith(".pt.tmp")), (lambda f: f.endswith(".pt.tmp"))
     faults = {2: disk_fills({0, last}, deepspeed_files), 3: disk_fills({0}, deepspeed_files),
-              4: disk_fills({last}, deepspeed_files), 5: disk_fills({last}, rank_file), 6: None}
+              4: disk_fills({last}, deepspeed_files), 5: disk_fills({last}, rank_file), 6: None,
+              7: disk_fills(set(), rank_file, quota={last}), 8: disk_fills({0}, rank_file, quota={last})}
     seen = []
-    for step in (1, 2, 3, 4, 5, 6, 9):
+    for step in (1, 2, 3, 4, 5, 6, 7, 8, 9):
         torch.save = faults.get(step) or real_save
         checkpoint._atomic_write = _no_space if step == 6 else real_write
         try:
@@ -159,7 +168,7 @@ def _save_while_disks_fill(ckpt_dir: str) -> list:
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_a_checkpoint_save_on_a_full_disk_fails_on_every_rank_and_leaves_latest(tmp_path, world_size):
+def test_a_checkpoint_save_on_a_full_disk_or_quota_fails_on_every_rank_and_leaves_latest(tmp_path, world_size):
     from multiproc import run_ranks
 
     ckpt_dir = tmp_path / "checkpoints"
@@ -168,7 +177,9 @@ def test_a_checkpoint_save_on_a_full_disk_fails_on_every_rank_and_leaves_latest(
             if step in (1, 9):
                 assert error is None and latest == f"step_{step:08d}"
             else:  # every rank hears of it, also those whose own writes succeeded; nothing is left behind
-                assert error == f"No space left on device: {ckpt_dir / f'step_{step:08d}'}"
+                # Step 8, a full disk on rank 0 and a quota on the last rank: the quota, the likelier to need action
+                why = "No space left on device" if step < 7 else "Disk quota exceeded"
+                assert error == f"{why}: {ckpt_dir / f'step_{step:08d}'}"
                 assert latest == "step_00000001" and names == ["step_00000001"]
         assert seen[-1][2] == ["step_00000001", "step_00000009"]
 

@@ -216,11 +216,11 @@ def _allocate(path: Path, nbytes: int, *, fresh: bool) -> None:
         try:
             os.posix_fallocate(f.fileno(), 0, nbytes)
         except OSError as e:
-            if e.errno != errno.ENOSPC:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk, or an exhausted (cluster) quota
                 raise
             if fresh:
                 f.truncate(0)  # give back the blocks it did get: the next open rebuilds it anyway
-            raise TeacherCacheError(f"No space left on device: {path} (needs {nbytes / 1e9:.3g} GB)") from e
+            raise TeacherCacheError(f"{os.strerror(e.errno)}: {path} (needs {nbytes / 1e9:.3g} GB)") from e
 
 
 def _from_node_leader(value: str | Exception | None) -> str:

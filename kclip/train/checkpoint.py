@@ -66,74 +66,81 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep_last: int) -> Path:
     """Collective. Every rank writes its part; rank 0 marks the checkpoint complete, moves `latest`, prunes old ones.
-    A disk that fills on any rank fails the save on every rank with one line (CheckpointError), leaving no step
-    folder behind and `latest` where it was."""
+    A disk that fills, or a quota that runs out, on any rank fails the save on every rank with one line
+    (CheckpointError), leaving no step folder behind and `latest` where it was."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     if dist.is_main() and tag_dir.exists():
         shutil.rmtree(tag_dir)  # a partial save of this step from a killed run
     dist.barrier()
-    full = _write_rank_part(engine, ckpt_dir, tag, client_state, rank_state)
+    no_space = _write_rank_part(engine, ckpt_dir, tag, client_state, rank_state)
     # All-reduces where barriers would do: each also tells every rank whether any rank ran out of space, so that all
     # fail together and none is left waiting for one that gave up.
-    if not _on_any_rank(full) and dist.is_main():
-        full = _mark_complete(ckpt_dir, tag_dir, keep_last)
-    if _on_any_rank(full):
+    if not _on_any_rank(no_space) and dist.is_main():
+        no_space = _mark_complete(ckpt_dir, tag_dir, keep_last)
+    no_space = _on_any_rank(no_space)
+    if no_space:
         if dist.is_main():
             shutil.rmtree(tag_dir, ignore_errors=True)
-        raise CheckpointError(f"No space left on device: {tag_dir}")
+        raise CheckpointError(f"{os.strerror(no_space)}: {tag_dir}")
     return tag_dir
 
 
-# How torch.save's zip writer reports a write the disk had no room for: a RuntimeError without errno.
+# The errors of a write that found no room: a full disk, and a user or project quota (the usual limit on a cluster's
+# shared file systems).
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# How torch.save's zip writer reports either: a RuntimeError without errno.
 _SHORT_WRITE = ("unexpected pos", "file write failed", "iostream error")
 
 
-def _ran_out_of_space(write) -> bool:
-    """Run `write()`; True if it failed because the disk is full. Other errors propagate."""
+def _ran_out_of_space(write) -> int:
+    """Run `write()`; the errno (one of _NO_SPACE) if it failed for want of space, else 0. Other errors propagate."""
     try:
         write()
     except OSError as e:
-        if e.errno != errno.ENOSPC:
+        if e.errno not in _NO_SPACE:
             raise
-        return True
+        return e.errno
     except RuntimeError as e:
         if not any(m in str(e) for m in _SHORT_WRITE):
             raise
-        return True
-    return False
+        return errno.ENOSPC
+    return 0
 
 
-def _on_any_rank(flag: bool) -> bool:
-    return dist.all_reduce_max(int(flag)) > 0
+def _on_any_rank(no_space: int) -> int:
+    """Collective: an errno of _NO_SPACE if any rank had one (a quota's, if any rank's), else 0."""
+    return dist.all_reduce_max(no_space)
 
 
-def _write_rank_part(engine, ckpt_dir: Path, tag: str, client_state: dict, rank_state: dict) -> bool:
-    """This rank's DeepSpeed files and `rank_<r>.pt`; True if the disk was full. Collective (DeepSpeed's save)."""
-    if _ran_out_of_space(lambda: engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state,
-                                                        save_latest=False)):
+def _write_rank_part(engine, ckpt_dir: Path, tag: str, client_state: dict, rank_state: dict) -> int:
+    """This rank's DeepSpeed files and `rank_<r>.pt`; the errno if there was no room (see _ran_out_of_space).
+    Collective (DeepSpeed's save)."""
+    no_space = _ran_out_of_space(lambda: engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state,
+                                                               save_latest=False))
+    if no_space:
         # With ZeRO-1/2 every file DeepSpeed writes comes after its collectives but one, the barrier ending its save:
         # take it here, so the ranks whose writes succeeded are released and every rank reaches the agreement.
         dist.barrier()
-        return True
+        return no_space
     path = ckpt_dir / tag / f"rank_{dist.rank():05d}.pt"
     tmp = path.with_name(path.name + ".tmp")
-    if _ran_out_of_space(lambda: torch.save(rank_state, tmp)):
-        return True
-    os.replace(tmp, path)
-    return False
+    no_space = _ran_out_of_space(lambda: torch.save(rank_state, tmp))
+    if not no_space:
+        os.replace(tmp, path)
+    return no_space
 
 
-def _mark_complete(ckpt_dir: Path, tag_dir: Path, keep_last: int) -> bool:
-    """Rank 0, once every rank has written: COMPLETE, then `latest`, then pruning; True if the disk was full."""
+def _mark_complete(ckpt_dir: Path, tag_dir: Path, keep_last: int) -> int:
+    """Rank 0, once every rank has written: COMPLETE, then `latest`, then pruning; the errno if there was no room."""
     def write():
         _atomic_write(tag_dir / COMPLETE, f"world_size={dist.world_size()}\n")
         _atomic_write(ckpt_dir / "latest", tag_dir.name)
 
-    if _ran_out_of_space(write):
-        return True
-    prune(ckpt_dir, keep_last)
-    return False
+    no_space = _ran_out_of_space(write)
+    if not no_space:
+        prune(ckpt_dir, keep_last)
+    return no_space
 
 
 def resolve(run_dir: Path, resume: str) -> Path:
