@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from evalruns import single_thread, tiny_runs
 from PIL import Image
 from shapes import make_shapes_mds
+from test_teacher import real_teacher_path
 
 import kclip
 from kclip.config import load_config
@@ -117,10 +118,7 @@ def test_embed_cli_texts_and_images(runs, tmp_path, capsys):
     assert embed.main(["--model", str(out), "--images", str(tmp_path / "none"), "--out", str(tmp_path / "x.npy")]) == 2
 
 
-DEMO_TEACHER = Path(load_config("demo", []).teacher.path).absolute()
-
-
-@pytest.mark.skipif(not DEMO_TEACHER.is_file(), reason="the demo teacher (kclip fetch-teacher) is not downloaded")
+@pytest.mark.teacher_file
 def test_a_run_on_the_teachers_tokenizer_loads_from_elsewhere_after_the_teacher_is_gone(tmp_path, monkeypatch):
     """The demo's student reads the teacher's tokenizer, which its config names by a path relative to where training
     was launched (teachers/...gguf). The run keeps a copy: export, eval and kclip.load read the checkpoint from any
@@ -129,7 +127,7 @@ def test_a_run_on_the_teachers_tokenizer_loads_from_elsewhere_after_the_teacher_
 
     launched = tmp_path / "launched"
     (launched / "teachers").mkdir(parents=True)
-    os.symlink(DEMO_TEACHER, launched / "teachers" / "teacher.gguf")
+    os.symlink(Path(real_teacher_path()).absolute(), launched / "teachers" / "teacher.gguf")
     data = make_shapes_mds(tmp_path / "shapes", n=16)
     monkeypatch.chdir(launched)
     cfg = load_config("smoke", ["student.tokenizer=teachers/teacher.gguf", f"data.train={data}", "train.steps=1",

@@ -3,6 +3,7 @@ in the launching process, and by the constructors that take a section directly (
 test that skips validate() gets the same one-line errors."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -11,6 +12,9 @@ from pathlib import Path
 from kclip.config.schema import Config, ConfigError, TeacherConfig, check_section
 from kclip.tokenizers import load_tokenizer, student_tokenizer_spec
 
+# The errors of a write that found no room: a full disk, and a user or project quota (the usual limit on a cluster's
+# shared file systems). Both are the user's to fix, so both are one line wherever kclip writes much.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # The files a model folder keeps its weights in; a .gguf teacher is one file holding weights and tokenizer.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # A folder holds a Hugging Face tokenizer when it has one of these (without, transformers fails with a TypeError).

@@ -26,7 +26,6 @@ disk, zeros from a page lost in a crash) is a miss, recomputed by the teacher, o
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
@@ -38,7 +37,7 @@ import torch
 import torch.distributed
 
 from kclip import dist
-from kclip.config.preflight import mds_num_samples
+from kclip.config.preflight import NO_SPACE_ERRNOS, mds_num_samples
 
 MAX_SLOTS = 64
 # teacher.cache_dtype -> the embedding file's name, its numpy dtype, and the torch dtype rows are rounded to. numpy has
@@ -216,7 +215,7 @@ def _allocate(path: Path, nbytes: int, *, fresh: bool) -> None:
         try:
             os.posix_fallocate(f.fileno(), 0, nbytes)
         except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk, or an exhausted (cluster) quota
+            if e.errno not in NO_SPACE_ERRNOS:
                 raise
             if fresh:
                 f.truncate(0)  # give back the blocks it did get: the next open rebuilds it anyway

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from kclip import dist
+from kclip.config.preflight import NO_SPACE_ERRNOS
 
 COMPLETE = "COMPLETE"
 
@@ -86,19 +87,17 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict
     return tag_dir
 
 
-# The errors of a write that found no room: a full disk, and a user or project quota (the usual limit on a cluster's
-# shared file systems).
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-# How torch.save's zip writer reports either: a RuntimeError without errno.
+# How torch.save's zip writer reports a write that found no room: a RuntimeError without errno.
 _SHORT_WRITE = ("unexpected pos", "file write failed", "iostream error")
 
 
 def _ran_out_of_space(write) -> int:
-    """Run `write()`; the errno (one of _NO_SPACE) if it failed for want of space, else 0. Other errors propagate."""
+    """Run `write()`; the errno (one of NO_SPACE_ERRNOS) if it failed for want of space, else 0. Other errors
+    propagate."""
     try:
         write()
     except OSError as e:
-        if e.errno not in _NO_SPACE:
+        if e.errno not in NO_SPACE_ERRNOS:
             raise
         return e.errno
     except RuntimeError as e:
@@ -109,7 +108,7 @@ def _ran_out_of_space(write) -> int:
 
 
 def _on_any_rank(no_space: int) -> int:
-    """Collective: an errno of _NO_SPACE if any rank had one (a quota's, if any rank's), else 0."""
+    """Collective: an errno of NO_SPACE_ERRNOS if any rank had one (a quota's, if any rank's), else 0."""
     return dist.all_reduce_max(no_space)
 
 
