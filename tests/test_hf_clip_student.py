@@ -38,15 +38,17 @@ VOCAB = BYTES + [b + "</w>" for b in BYTES] + ["<|startoftext|>", "<|endoftext|>
 EOT = len(VOCAB) - 1
 
 
-def tiny_clip(folder: Path, *, tokenizer: bool = True, weights: bool = True, **text) -> Path:
+def tiny_clip(folder: Path, *, tokenizer: bool = True, weights: bool = True, vision: dict | None = None,
+              **text) -> Path:
     """A random CLIPModel (32-wide towers, 32x32 images, 32 text positions) saved at `folder`, with a CLIP tokenizer
-    and weights unless told otherwise. `text` overrides the text config (vocab_size, eos_token_id, ...)."""
+    and weights unless told otherwise. `text` overrides the text config (vocab_size, eos_token_id, ...), `vision`
+    the vision config (image_size, patch_size, ...)."""
     torch.manual_seed(0)
     text = {"vocab_size": len(VOCAB), "eos_token_id": EOT, "bos_token_id": EOT - 1, "hidden_size": 32,
             "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32,
             **text}
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "image_size": 32, "patch_size": 8}
+              "image_size": 32, "patch_size": 8, **(vision or {})}
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
     if not weights:
         (folder / "model.safetensors").unlink()

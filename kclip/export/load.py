@@ -1,9 +1,9 @@
 """Students for evaluation, export and embedding, read from a run folder, a checkpoint step folder or an export.
 
 - run folder (has `checkpoints/`): its `latest` complete checkpoint;
-- step folder (`checkpoints/step_XXXXXXXX/` with COMPLETE): the fp32 master weights, reassembled from the ZeRO-1/2
-  optimizer partitions of all ranks by DeepSpeed's zero_to_fp32 (exact even for bf16 runs, whose module copy is bf16);
-  the config comes from the checkpoint's client state;
+- step folder (`checkpoints/step_XXXXXXXX/` with COMPLETE): the fp32 master weights, as saved at ZeRO stage 0 or
+  reassembled from the optimizer partitions of all ranks by DeepSpeed's zero_to_fp32 (exact even for bf16 runs, whose
+  module copy is bf16); the config comes from the checkpoint's client state;
 - exported folder (`kclip export`, has kclip_model.yaml): see kclip/export/format.py for its layout.
 
 Only the student towers are built (no distillation/concept heads): encode_image/encode_text give L2-normalised
@@ -98,11 +98,15 @@ def locate(path: str | Path) -> tuple[str, Path]:
 
 
 def student_weights(tag_dir: Path, module_state: dict) -> dict[str, torch.Tensor]:
-    """The `student.*` weights of a ZeRO-1/2 checkpoint as float32, keys relative to the student module.
+    """The `student.*` weights of a checkpoint as float32, keys relative to the student module.
 
-    Preferably the fp32 master weights from the optimizer partitions; if DeepSpeed cannot reassemble them (an
-    optimizer layout it does not know, missing partition files), the module copy in `module_state` (the training
-    precision: bf16 for bf16 runs), with a warning."""
+    ZeRO stage 0 in fp32 keeps no partitions: its module state is the master copy itself. Partitioned optimizers
+    (ZeRO-1/2, and the bf16 optimizer at any stage) hold the fp32 master weights in their partitions, reassembled by
+    DeepSpeed's zero_to_fp32, because the module copy is in the training precision (bf16 for bf16 runs); if DeepSpeed
+    cannot reassemble them (an optimizer layout it does not know, missing partition files), the module copy, with a
+    warning."""
+    if not checkpoint.optimizer_partitioned(tag_dir):
+        return _student_part(module_state)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
@@ -112,6 +116,10 @@ def student_weights(tag_dir: Path, module_state: dict) -> dict[str, torch.Tensor
         log.warning("%s: fp32 master weights not reassembled (%s: %s); using the module weights", tag_dir,
                     type(e).__name__, e)
         state = module_state
+    return _student_part(state)
+
+
+def _student_part(state: dict) -> dict[str, torch.Tensor]:
     return {k[len("student."):]: v.detach().float() for k, v in state.items() if k.startswith("student.")}
 
 
