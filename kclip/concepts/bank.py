@@ -112,7 +112,7 @@ class ConceptBank:
         else:
             own = rows.mean(dim=0) if dist.is_main() else torch.zeros(self.dim, device=rows.device)
             self.mean = dist.broadcast(own.contiguous()).cpu()  # rank 0's: bit-identical everywhere
-        rows = self._prepare(rows)
+        rows = self.prepare(rows)
         stats = None
         centroids = torch.empty(self.k, self.dim, dtype=torch.float32, device=x.device)
         if dist.is_main():
@@ -138,8 +138,9 @@ class ConceptBank:
             raise RuntimeError("concept bank used before its first fit")
         return self.centroids
 
-    def _prepare(self, emb: torch.Tensor) -> torch.Tensor:
-        """Into the space the centroids live in: centred on the fitted mean, then L2-normalised when spherical."""
+    def prepare(self, emb: torch.Tensor) -> torch.Tensor:
+        """Teacher rows [n, dim] into the space the centroids live in (for fits, labels, and anything drawn beside the
+        centroids): centred on the fitted mean, then L2-normalised when spherical."""
         x = emb.float() - self.mean.to(emb.device)
         return F.normalize(x, dim=1) if self.spherical else x
 
@@ -148,12 +149,12 @@ class ConceptBank:
         """q = softmax(prepare(t) @ centroids.T / tau), [B, k] float32, with prepare(t) = normalize(t - mean);
         rows sum to 1."""
         centroids = self._require_fitted().to(teacher_emb.device)
-        return torch.softmax(self._prepare(teacher_emb) @ centroids.T / tau, dim=1)
+        return torch.softmax(self.prepare(teacher_emb) @ centroids.T / tau, dim=1)
 
     @torch.no_grad()
     def assign(self, emb: torch.Tensor) -> torch.Tensor:
         """Hard concept id per row [B] (long): nearest centroid by cosine (spherical) or L2 distance."""
-        return nearest(self._prepare(emb), self._require_fitted().to(emb.device), self.spherical)
+        return nearest(self.prepare(emb), self._require_fitted().to(emb.device), self.spherical)
 
     def state_dict(self) -> dict:
         return {

@@ -2,15 +2,15 @@
 
 Inputs: the concept centroids saved in a checkpoint's client state, the run's teacher (rebuilt from its config, one
 process, not sharded: a 7B teacher needs ~14-28 GB of host or GPU memory) and captions from an MDS folder, taken at
-evenly spaced indices. PCA: x_i = normalize(t_i); coordinates = (x_i - mean) V[:, :2] with V from the SVD of the
-centred x; centroids are projected the same way.
+evenly spaced indices. PCA in the space the bank clusters in (`ConceptBank.prepare`): x_i = normalize(t_i - m) with m
+the bank's mean (t_i - m for a bank that is not spherical); coordinates = (x_i - mean) V[:, :2] with V from the SVD of
+the centred x; centroids, which live in that space, are projected the same way.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from kclip.concepts.bank import ConceptBank
 from kclip.config import Config
@@ -39,6 +39,13 @@ def pca_2d(x: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return ((x - mean) @ basis, *[(o - mean) @ basis for o in others], explained)
 
 
+def bank_pca(bank: ConceptBank, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For raw teacher rows `emb` [n, dim]: their 2-D PCA coordinates in the bank's space, the centroids' in the same
+    basis, the explained variance ratio [2] and each row's concept id."""
+    x = bank.prepare(emb)
+    return (*pca_2d(x, bank.centroids.to(x.device)), bank.assign(emb))
+
+
 def concept_map(cfg: Config, concepts: dict, data_dir: str, out: Path, *, title: str, limit: int = 2000) -> dict:
     """Draw the map to `out` (PNG); returns {num_captions, k, explained_variance}."""
     import matplotlib
@@ -50,12 +57,10 @@ def concept_map(cfg: Config, concepts: dict, data_dir: str, out: Path, *, title:
 
     captions = sample_captions(data_dir, limit)
     teacher = build_teacher(cfg.teacher, shard=False)
-    emb = F.normalize(teacher_embeddings(teacher, captions), dim=-1)
     saved = concepts["config"]
     bank = ConceptBank(saved["k"], saved["dim"], spherical=saved["spherical"])
     bank.load_state_dict(concepts)
-    labels = bank.assign(emb)
-    coords, centre_coords, explained = pca_2d(emb, bank.centroids)
+    coords, centre_coords, explained, labels = bank_pca(bank, teacher_embeddings(teacher, captions))
     fig, ax = plt.subplots(figsize=(7, 6))
     points = ax.scatter(coords[:, 0], coords[:, 1], c=labels, cmap="tab20", s=8, alpha=0.8)
     ax.scatter(centre_coords[:, 0], centre_coords[:, 1], c="black", marker="x", s=40, label="centroids")

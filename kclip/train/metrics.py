@@ -19,6 +19,9 @@ class LogWindow:
 
     def __init__(self):
         self.terms: dict[str, torch.Tensor] = {}
+        # Steps per term: not every step has every term (the loss skips the concept terms while there are no soft
+        # labels), and dividing a term's sum by steps it was absent from would log it smaller than it was.
+        self.term_steps: dict[str, int] = {}
         self.steps = self.samples = 0
         self.logit_scale = float("nan")
         self.start = time.perf_counter()
@@ -27,15 +30,15 @@ class LogWindow:
         """A finite step's loss terms (the skipped ones are counted and logged by the loop)."""
         for key, value in {**result.terms, "total": result.total}.items():
             self.terms[key] = self.terms.get(key, 0.0) + value
+            self.term_steps[key] = self.term_steps.get(key, 0) + 1
         self.steps += 1
         self.samples += result.samples
         self.logit_scale = float(result.logit_scale)
 
     def summary(self) -> dict[str, float]:
-        """Collective (one all-reduce): mean loss terms over the window's steps and all ranks, throughput; then
-        starts a new window."""
-        n = max(1, self.steps)
-        out = global_mean({f"loss/{k}": v / n for k, v in self.terms.items()})
+        """Collective (one all-reduce): each loss term's mean over the window's steps that had it and all ranks,
+        throughput; then starts a new window."""
+        out = global_mean({f"loss/{k}": v / self.term_steps[k] for k, v in self.terms.items()})
         out.update(logit_scale=self.logit_scale,
                    samples_per_s=self.samples / max(time.perf_counter() - self.start, 1e-9))
         self.__init__()
@@ -54,9 +57,10 @@ def global_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 class TrainingLog:
-    """The loop's log: a line every `log.every` steps, at the last step and after each concept fit (mean loss terms
-    over the window's finite steps and all ranks, throughput, phase times per step, counters, memory, teacher and
-    concept statistics); evaluation results as they come; rank 0's progress bar with ETA and the latest loss."""
+    """The loop's log: a line every `log.every` steps, at the last step and after each concept fit (each loss term's
+    mean over the window's finite steps that had it and all ranks, throughput, phase times per step, counters, memory,
+    teacher and concept statistics); evaluation results as they come; rank 0's progress bar with ETA and the latest
+    loss."""
 
     def __init__(self, cfg, run_dir: Path, task, counters: dict, start_step: int):
         self.every, self.steps = cfg.log.every, cfg.train.steps
