@@ -179,21 +179,19 @@ def table(runs: list[Run], values: list[dict]) -> list[str]:
 
 def concept_maps(runs: list[Run], out: Path, data: str | None, limit: int) -> tuple[list[Path], list[str]]:
     """PCA concept maps for the runs that allow one; notes say why the others have none."""
-    import torch
-
     from kclip.config import from_dict
     from kclip.eval.concept_map import concept_map
-    from kclip.export.format import MODEL_STATES
+    from kclip.export.format import ModelLoadError, read_model_states
     from kclip.train import checkpoint
 
     images, notes = [], []
     for run in runs:
         try:
             tag_dir = checkpoint.resolve(run.folder, "latest")
-        except checkpoint.CheckpointError as e:
+            client = read_model_states(tag_dir)
+        except (checkpoint.CheckpointError, ModelLoadError) as e:
             notes.append(f"{run.name}: no concept map ({e})")
             continue
-        client = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
         cfg = from_dict(client["config"])
         concepts = client.get("concepts")
         if not cfg.needs_teacher or not concepts or concepts.get("centroids") is None:

@@ -144,3 +144,34 @@ def test_a_run_on_the_teachers_tokenizer_loads_from_elsewhere_after_the_teacher_
     assert load_model(Path("run")).tokenizer.hf(TEXTS)["input_ids"] == trained_ids
     assert export_main(["run", "export"]) == 0
     assert kclip.load("export")[1].hf(TEXTS)["input_ids"] == trained_ids
+
+
+class _Payload:
+    """Unpickling it writes a file: the code a run folder from someone else could carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line_and_never_runs_it(runs, tmp_path, capsys):
+    import shutil
+
+    from kclip.export.format import MODEL_STATES
+    from kclip.report import report
+    from kclip.train import checkpoint
+
+    run, marker = tmp_path / "run", tmp_path / "ran"
+    shutil.copytree(runs["kc"], run)
+    states = checkpoint.resolve(run, "latest") / MODEL_STATES
+    client = torch.load(states, weights_only=True)
+    torch.save({**client, "extra": _Payload(marker)}, states)
+
+    assert export_main([str(run), str(tmp_path / "export")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "refused rather than unpickled" in lines[0], lines
+    report([run], tmp_path / "report")
+    assert "refused rather than unpickled" in (tmp_path / "report" / "report.md").read_text()
+    assert not marker.exists()

@@ -15,6 +15,7 @@ folder can also hold the student in open_clip's `local-dir:` form (kclip/export/
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kclip.data.transforms import to_rgb
@@ -35,6 +36,23 @@ MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module file in a chec
 
 class ModelLoadError(ValueError):
     pass
+
+
+def read_model_states(tag_dir: Path) -> dict:
+    """A checkpoint's module file: the module weights and kclip's client state (config, step, concepts, teacher
+    statistics), all tensors and plain containers. Read with torch's restricted unpickler, so that a run folder from
+    someone else cannot run code when it is evaluated, exported or reported; a file that needs more is refused."""
+    import pickle
+
+    import torch
+
+    path = tag_dir / MODEL_STATES
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "objects beyond tensors and plain containers"
+        raise ModelLoadError(f"{path}: not a kclip checkpoint's module file, refused rather than unpickled "
+                             f"(it could run code): {reason[:200]}") from e
 
 
 class NotExpressible(ValueError):

@@ -38,6 +38,7 @@ from kclip.export.format import (
     ModelLoadError,
     build_preprocess,
     preprocess_spec,
+    read_model_states,
 )
 from kclip.models.knowledge_clip import KnowledgeCLIP
 from kclip.models.student import RUN_HF_CLIP, RUN_TOKENIZER
@@ -124,7 +125,7 @@ def _student_part(state: dict) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint_model(tag_dir: Path, device) -> LoadedModel:
-    client = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
+    client = read_model_states(tag_dir)
     if "config" not in client:
         raise ModelLoadError(f"{tag_dir}: checkpoint has no kclip config in its client state")
     cfg = from_dict(client["config"])
