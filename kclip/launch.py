@@ -1,8 +1,9 @@
 """`kclip launch LAUNCHER ARGS...`: run a launcher (`deepspeed`, `torchrun`) so that stop signals reach the ranks.
 
 DeepSpeed 0.19.8's `deepspeed` runner forwards signals only to multi-node pdsh launches: a SIGTERM to a single-node
-`deepspeed` (what srun and schedulers send) ends the runner in 0.1 s and leaves launch.py and the ranks training as
-orphans, which slurmstepd then SIGKILLs without a checkpoint. Here the launcher runs in its own session, and
+`deepspeed` (what srun and schedulers send) ends the runner in 0.1 s and signals nothing else: launch.py and the
+ranks learn of it only by noticing, within a second, that the runner is gone (kclip.train.launcher_watch), and which
+signal it was is lost. Here the launcher runs in its own session, and
 SIGTERM / SIGUSR1 / SIGINT are sent straight to this node's ranks (the `-m kclip.cli` processes under it), which
 checkpoint at the next step boundary and exit 0; the launcher then sees clean exits and ends by itself, with no
 30-second kill deadline. Ranks on other nodes get the signal from their own node's `kclip launch` (srun signals

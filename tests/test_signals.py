@@ -1,8 +1,10 @@
 """Stop signals reach the ranks however the run was launched, at any point of it: `kclip launch` forwards them to the
-ranks (the bare deepspeed runner orphans them), a signal during set-up stops the run cleanly after set-up, a first
-Ctrl-C checkpoints like SIGTERM and a second one aborts in one line."""
+ranks, ranks whose bare deepspeed runner was terminated (it orphans them) notice it and stop alike, a signal during
+set-up stops the run cleanly after set-up, a first Ctrl-C checkpoints like SIGTERM and a second one aborts in one
+line."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -61,6 +63,31 @@ def test_sigterm_to_kclip_launch_reaches_both_ranks_of_a_deepspeed_launch(shapes
     proc.send_signal(signal.SIGTERM)
     assert_preempted_with_checkpoint(run, proc)
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_plain_deepspeed_runner_stops_both_ranks_cleanly(shapes, tmp_path):
+    run = tmp_path / "run"
+    runner = start(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "kclip.cli",
+                    *kclip_train(run, shapes)])
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").is_file() and len(losses(run)) >= 2, runner)
+        runner.send_signal(signal.SIGTERM)  # the runner alone, as `kill PID` or a scheduler does
+        # EOF on the runner's pipes, which launch.py and the ranks inherited, once every one of them has ended.
+        out, err = runner.communicate(timeout=60)
+    finally:
+        for orphan in processes_of(run):  # left training when the watch failed: not for the next tests' cores
+            with contextlib.suppress(psutil.NoSuchProcess):
+                orphan.kill()
+    assert runner.returncode == -signal.SIGTERM  # DeepSpeed's runner ends on the signal at once
+    # launch.py, orphaned, logs each rank's exit 0 (then exits 0 itself) to the stdout it inherited.
+    assert out.count("exits successfully") == 2 and "kclip: error" not in err, out[-3000:] + err[-3000:]
+    step = int((run / "PREEMPTED").read_text().strip().split("=")[1])
+    assert 0 < step < 400 and (run / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+    assert (run / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()
+    # Logged by whichever rank noticed first (rank 0's console says only that it stopped on a signal).
+    noticed = f"the launcher that started this rank is gone (pid {runner.pid}: "
+    assert any(noticed in log.read_text() for log in run.glob("log*.txt"))
 
 
 @pytest.mark.slow

@@ -5,6 +5,9 @@ ranks agree on it at the next step boundary, checkpoint together and exit 0, lea
 script to requeue. Acting inside the handler could leave ranks in different collectives, which is how preemption
 turns into a hang. A second SIGINT aborts at once (KeyboardInterrupt), for a user who does not want to wait.
 
+A rank whose launcher has gone (a SIGTERM to the plain `deepspeed` runner, which ends it alone, or any launcher
+killed) raises the same flag as a SIGTERM (kclip.train.launcher_watch), whichever launcher started it.
+
 `install()` runs first thing in `kclip train`, before the heavy imports and the set-up (teacher load, engines,
 loader), so a signal that arrives during set-up is not lost either: the run then stops right after set-up.
 """
@@ -14,6 +17,8 @@ import logging
 import signal
 import threading
 from pathlib import Path
+
+from kclip.train import launcher_watch
 
 log = logging.getLogger("kclip.train")
 
@@ -28,10 +33,12 @@ def _handle(signum, frame) -> None:
 
 
 def install() -> None:
-    """Route the stop signals to the flag (main thread only: Python delivers signals there)."""
+    """Route the stop signals to the flag (main thread only: Python delivers signals there), and the end of the
+    launcher that started this process too."""
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
             signal.signal(sig, _handle)
+    launcher_watch.start(on_gone=lambda: _received.append(signal.SIGTERM))
 
 
 class StopSignal:
