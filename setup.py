@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "gguf",
     "safetensors",
     "scipy",
+    "psutil",  # the ranks watch their launchers (kclip.train.launcher_watch)
     "pyyaml",
     "tqdm",
     "tensorboard",

@@ -30,8 +30,8 @@ def one_line(error: BaseException) -> str:
 
 
 def call_collective(fn, *args, known_errors: tuple[type[Exception], ...] = (), **kwargs) -> tuple[object, int]:
-    """(fn(...), 0); or (None, 1) after printing one line when fn raises a known error or a collective fails
-    because a rank died. Anything else propagates with its traceback."""
+    """(fn(...), 0); or (None, 1) after printing one line when fn raises a known error. A collective that failed
+    because a rank died ends the process after its one line, exit 1. Anything else propagates with its traceback."""
     from kclip import dist
 
     try:
@@ -42,7 +42,7 @@ def call_collective(fn, *args, known_errors: tuple[type[Exception], ...] = (), *
         lost = dist.describe_failure(e)
         if lost is None:
             raise
-        return None, fail(lost, 1)
+        dist.exit_after_lost_peer(fail(lost, 1))
 
 
 def load_run_config(config: str, overrides: list[str]):
@@ -105,8 +105,8 @@ def train_main(argv: list[str]) -> int:
                                        known_errors=(TrainingError, CheckpointError, ConfigError, TeacherCacheError,
                                                      RunFolderError, DataError))
     except KeyboardInterrupt:
-        return fail("aborted by a second interrupt, without a checkpoint; continue from the last one with "
-                    "--resume latest", 130)
+        fail("aborted by a second interrupt, without a checkpoint; continue from the last one with --resume latest", 130)
+        return console.interrupted()
     if code:
         return code
     if dist.is_main():

@@ -223,3 +223,14 @@ def progress(total: int | None = None, desc: str | None = None, unit: str = "it"
 
     return tqdm(total=total, desc=desc, unit=unit, disable=rank() != 0, dynamic_ncols=True, delay=BAR_DELAY_S,
                 mininterval=1.0 if sys.stderr.isatty() else 30.0, **kwargs)
+
+
+def interrupted(code: int = 130) -> int:
+    """The exit code of a command that caught a Ctrl-C and ended cleanly (130: 128 + SIGINT, as a shell reports it).
+
+    A KeyboardInterrupt raised inside code that Python compiled from a string (dataclass and namedtuple definitions
+    during imports, library `exec`/`eval` calls) leaves CPython's "unhandled KeyboardInterrupt" flag set even after it
+    is caught; at exit, `python -m kclip.cli` then kills itself with SIGINT instead (exit -2: the rare death after the
+    abort line). Evaluating a string that completes resets the flag."""
+    exec("pass")  # noqa: S102 - a constant string: see the docstring
+    return code

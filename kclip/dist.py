@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -248,9 +249,23 @@ def _exit_lost(lost: list[int], waited_s: float) -> None:
           f"{waited_s:g} s, dist.timeout_s); resume with --resume latest", file=sys.stderr, flush=True)
     # Of the atexit work that os._exit skips, only this rank's own: other libraries' exit handlers, run from this
     # thread while the main thread is still inside their code (a collective, a barrier), can abort the process.
+    _leave(1)  # the main thread may be blocked where no exception can reach it
+
+
+def exit_after_lost_peer(code: int = 1) -> NoReturn:
+    """The main thread's end of a run whose collective failed because a peer died (its one line printed): without the
+    interpreter's shutdown, whose destructors of a process group with a dead peer (gloo's pairs, their threads) can
+    abort the survivor (exit -6, seen rarely in the dead-rank test). Log files are flushed first."""
+    logging.shutdown()
+    _leave(code)
+
+
+def _leave(code: int) -> NoReturn:
     # streaming's shared memory is unlinked by multiprocessing's resource tracker once this process is gone.
     _remove_own_shm_buffer()
-    os._exit(1)  # the main thread may be blocked where no exception can reach it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def rank() -> int:

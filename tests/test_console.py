@@ -162,3 +162,22 @@ def test_kclip_launch_keeps_the_launchers_progress_lines_in_the_run_log(tmp_path
     assert [line for line in err.splitlines() if line in held] == (held if code else [])
     out, _ = run([*cmd, "--verbose"], code)
     assert len(out.splitlines()) == 4
+
+
+# A Ctrl-C that lands while Python runs code compiled from a string (here an exec; in kclip's set-up, the dataclass
+# and namedtuple definitions of the imports), caught as kclip's commands catch the second one.
+INTERRUPTED_IN_EXEC = """
+import os, signal, sys
+from kclip import console
+try:
+    exec("os.kill(os.getpid(), signal.SIGINT)\\nfor _ in range(100): pass")
+except KeyboardInterrupt:
+    sys.exit(console.interrupted())
+"""
+
+
+def test_a_caught_interrupt_exits_130_under_python_m_not_by_sigint(tmp_path):
+    (tmp_path / "interrupted_in_exec.py").write_text(INTERRUPTED_IN_EXEC)
+    proc = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**_env(), "PYTHONPATH": str(REPO)}, timeout=60)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])  # -2 without console.interrupted's reset

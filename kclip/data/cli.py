@@ -68,7 +68,7 @@ def prepare_main(argv: list[str]) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"kclip prepare: interrupted; nothing written to {args.out}", file=sys.stderr)
-        return 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
+        return console.interrupted()
     print(json.dumps(stats, indent=2, sort_keys=True))
     return 0
 
