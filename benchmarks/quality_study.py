@@ -1,7 +1,8 @@
 """Multi-seed quality study: every variant x every seed trained by `kclip train` for the same number of steps,
-evaluated by `kclip eval`, summarised as mean ± std per metric and as the paired difference to plain CLIP.
+evaluated by `kclip eval`, summarised as mean ± std per metric and as the paired difference to plain CLIP with its
+paired t-test.
 
-    PYTHONPATH=. python benchmarks/quality_study.py --out runs/study                  # demo, seeds 0 1 2, all variants
+    PYTHONPATH=. python benchmarks/quality_study.py --out runs/study                  # demo, seeds 0-4, all variants
     PYTHONPATH=. python benchmarks/quality_study.py --out runs/study --variants distill_contrastive all_three
     PYTHONPATH=. python benchmarks/quality_study.py --out runs/study --dry-run        # the plan and commands only
 
@@ -17,6 +18,10 @@ are built after the student towers, and loading a pretrained teacher leaves the 
 run s of plain CLIP differ only by the variant; the differences d_s = variant_s - plain_s cancel the seed-to-seed noise
 the variants share, which the two means' stds do not. Not so for `student.tokenizer=teacher` (another vocabulary, so
 another text-tower init) nor for a `random_config` teacher (smoke), whose construction reseeds the global RNG.
+The test on d is Student's paired t-test: t = mean(d) / SE with n - 1 degrees of freedom, two-sided p. With few seeds
+the t distribution is wide (t = 3.46 is p = 0.074 at 2 degrees of freedom, where 2 SE would call it a difference), so
+a difference from fewer than MIN_SEEDS paired seeds is marked as no headline number; nothing is marked "significant":
+the tables are many variants x metrics, and a reader should weigh p with that in mind.
 
 Resuming: a run with eval.json is done; one whose `checkpoints/latest` is the final step is only evaluated; anything
 else is trained with `--resume auto` (continues from its checkpoint, or starts afresh). A run folder trained under
@@ -31,9 +36,10 @@ same teacher targets whichever run came first.
 Output, besides the run folders:
   OUT/study.json   settings (command, date, machine and load average at start, config, steps, seeds, overrides,
                    eval args), runs[variant][seed] = every numeric eval metric, failed runs, summary[variant][metric]
-                   = {mean, std, n}, paired[variant][metric] = {n, mean_diff, se, ratio, significant} vs plain
+                   = {mean, std, n}, paired[variant][metric] = {n, mean_diff, se, t, df, p, ratio, headline} vs
+                   plain (headline: n >= MIN_SEEDS)
   OUT/study.md     the same settings, a table of mean ± std (variant rows, key metric columns), a table of
-                   Δ ± SE (ratio) vs plain, where * marks |Δ| > 2 SE
+                   Δ ± SE (ratio) p vs plain, where † marks a difference over fewer than MIN_SEEDS seeds
   OUT/<metric>.png one per key metric: a bar per variant (mean, error bar = std), a dot per seed
 """
 from __future__ import annotations
@@ -56,6 +62,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import yaml
 from common import ROOT, bench_env, machine, print_table, run_kclip, write_json
+from scipy import stats
 
 from kclip.config import (
     Config,
@@ -70,6 +77,9 @@ from kclip.report import is_number, natural, save
 from kclip.train.checkpoint import tag_for
 
 BASELINE = "plain"
+# Paired seeds a difference needs to be a headline number: below 5, its SE rests on at most 3 degrees of freedom and
+# the t-test's 5% critical value is 3.18 (3 df) or 4.30 (2 df), far from the 2 of "beyond 2 SE".
+MIN_SEEDS = 5
 
 # The student's vocabulary, stated by every variant so that its meaning does not follow the config's defaults (the
 # demo's are the teacher's tokenizer and token embeddings, the study's pick): bytes with random token embeddings, or the
@@ -220,18 +230,25 @@ def describe(values: list[float]) -> dict:
             "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
 
 
+def paired_t_p(t: float, df: int) -> float:
+    """Two-sided p of Student's t statistic `t` with `df` degrees of freedom."""
+    return float(2 * stats.t.sf(abs(t), df))
+
+
 def paired_difference(variant: dict[int, float], baseline: dict[int, float]) -> dict:
     """Over the seeds both have: mean of d_s = variant_s - baseline_s, its standard error std(d, ddof=1)/sqrt(n),
-    the ratio mean(variant)/mean(baseline), and whether |mean d| > 2 SE."""
+    the paired t-test (t = mean / SE, df = n - 1, two-sided p; None without 2 seeds or when every d_s is equal, where
+    t is undefined), the ratio mean(variant)/mean(baseline), and whether n reaches MIN_SEEDS (`headline`)."""
     seeds = sorted(set(variant) & set(baseline))
     d = [variant[s] - baseline[s] for s in seeds]
     n = len(d)
     mean_d = statistics.fmean(d) if d else None
     se = statistics.stdev(d) / math.sqrt(n) if n > 1 else None
+    t = mean_d / se if se else None
     base_mean = statistics.fmean(baseline[s] for s in seeds) if seeds else None
     ratio = statistics.fmean(variant[s] for s in seeds) / base_mean if base_mean else None
-    return {"n": n, "mean_diff": mean_d, "se": se, "ratio": ratio,
-            "significant": se is not None and abs(mean_d) > 2 * se}
+    return {"n": n, "mean_diff": mean_d, "se": se, "t": t, "df": n - 1 if t is not None else None,
+            "p": paired_t_p(t, n - 1) if t is not None else None, "ratio": ratio, "headline": n >= MIN_SEEDS}
 
 
 def summarize(runs: dict[str, dict[int, dict[str, float]]], baseline: str) -> tuple[dict, dict]:
@@ -272,7 +289,8 @@ def paired_cell(p: dict | None) -> str:
         return "–"
     text = f"{p['mean_diff']:+.3f}" + (f" ± {p['se']:.3f}" if p["se"] is not None else "")
     text += f" ({p['ratio']:.2f}x)" if p["ratio"] is not None else ""
-    return text + (" *" if p["significant"] else "")
+    text += f" p={p['p']:.3f}" if p["p"] is not None else ""
+    return text + ("" if p["headline"] else " †")
 
 
 def markdown(study: dict) -> str:
@@ -286,9 +304,11 @@ def markdown(study: dict) -> str:
     lines.append(print_table(["variant", "n", *keys], [
         [v, str(max((s['n'] for s in study["summary"][v].values()), default=0)),
          *(mean_std_cell(study["summary"][v].get(k)) for k in keys)] for v in variants]))
-    lines += ["", f"## Paired difference to {study['baseline']}: Δ ± SE (ratio)", "",
+    lines += ["", f"## Paired difference to {study['baseline']}: Δ ± SE (ratio) p", "",
               f"Δ = mean over seeds of (variant - {study['baseline']}) on the same seed, SE = std(Δ, ddof=1)/√n, "
-              f"ratio = mean(variant)/mean({study['baseline']}); * marks |Δ| > 2 SE.", ""]
+              f"ratio = mean(variant)/mean({study['baseline']}), p = two-sided paired t-test (t = Δ/SE, n - 1 "
+              f"degrees of freedom; one test per cell, not corrected for the table's many cells); † marks a "
+              f"difference over fewer than {MIN_SEEDS} seeds, not a headline number.", ""]
     lines.append(print_table(["variant", *keys], [
         [v, *(paired_cell(study["paired"][v].get(k)) for k in keys)] for v in variants if v in study["paired"]]))
     notes = [f"- {v}: its teacher differs from {study['baseline']}'s ({'; '.join(d)}), and `kclip eval` computes "
@@ -337,7 +357,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True,
                    help="study folder: run folders, teacher cache, study.json/.md, plots")
     p.add_argument("--config", default="demo", help="named config or YAML file every run starts from")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(MIN_SEEDS)),
+                   help=f"training seeds (default 0..{MIN_SEEDS - 1}; fewer than {MIN_SEEDS} give no headline numbers)")
     p.add_argument("--variants", nargs="+", help="subset of the table (default: all); the baseline is always added")
     p.add_argument("--baseline", default=BASELINE, help="the variant every paired difference is taken against "
                    f"(default {BASELINE}; plain_teacher_vocab for the teacher-vocabulary variants)")
@@ -392,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(runs)} runs ({len(names)} variants x {len(args.seeds)} seeds, {base.train.steps} steps of "
           f"{args.config}): {counts['train']} to train, {counts['evaluate']} to evaluate, {counts['done']} done; "
           f"logs in {out}/<variant>/seed<S>/{{train,eval}}.log")
+    if len(set(args.seeds)) < MIN_SEEDS:
+        print(f"{len(set(args.seeds))} seeds: the paired differences will be marked † in study.md, not headline "
+              f"numbers (they need at least {MIN_SEEDS})")
 
     fills = {}  # teacher setting -> the first run that will train with it
     if args.precompute_teacher:

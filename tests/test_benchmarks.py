@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -133,11 +134,22 @@ def test_grad_cache_benchmark_on_the_smoke_config(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
+    # 3 timed steps: their median is neither their mean nor the first or last step.
     proc = subprocess.run([sys.executable, "benchmarks/grad_cache.py", "--config", "smoke", "--batch", "16", "--micro",
-                           "4", "--iters", "1", "--teacher-dim", "48", "--json", str(out)],
+                           "4", "--iters", "3", "--teacher-dim", "48", "--json", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     r = json.loads(out.read_text())
-    assert set(r["medians"]) == {"big batch", "GradCache", "plain accum"}
-    assert all(len(v) == 1 and v[0] > 0 for v in r["seconds"].values())
-    assert r["medians"]["big batch"]["x_big_batch"] == 1.0
+    assert set(r["medians"]) == set(r["seconds"]) == {"big batch", "GradCache", "plain accum"}
+    assert all(len(v) == 3 for v in r["seconds"].values())
+    # Seconds, and timed inside the run: all timed steps together fit in its wall time.
+    assert 0 < sum(map(sum, r["seconds"].values())) < r["total_s"]
+    # Every reported number is the named variant's median, against the big batch's median.
+    big = statistics.median(r["seconds"]["big batch"])
+    for name, row in r["medians"].items():
+        assert row["ms_per_step"] == pytest.approx(1000 * statistics.median(r["seconds"][name]))
+        assert row["x_big_batch"] == pytest.approx(statistics.median(r["seconds"][name]) / big)
+        assert row["peak_mib"] == pytest.approx(statistics.median(r["peak_mib"][name]))
+    assert r["gradcache_over_big"] == pytest.approx(statistics.median(r["seconds"]["GradCache"]) / big)
+    # The ratio in the headline line is that one, not another variant's.
+    assert f"GradCache / big batch: {r['gradcache_over_big']:.2f}x" in proc.stdout

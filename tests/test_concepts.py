@@ -103,17 +103,26 @@ def test_empty_clusters_are_reseeded_and_reported():
 
 
 def test_soft_labels_and_assign():
-    x, truth = _clustered()
+    # Off-centre, loose clusters and a warm temperature: the labels are far from one-hot (mean top probability
+    # 0.68), so centring before normalising moves them a lot; with tight clusters and tau=0.05 both formulas give
+    # the same saturated labels and a missing centring would go unnoticed.
+    x = _clustered(noise=0.2)[0] + 1.0
     bank = ConceptBank(K, DIM, seed=0)
     with pytest.raises(RuntimeError, match="before its first fit"):
         bank.soft_labels(x, tau=0.1)
     bank.fit(x)
-    q = bank.soft_labels(x * 7.0, tau=0.05)  # scale must not matter: inputs are normalised
+    tau = 0.5
+    q = bank.soft_labels(x, tau)
     assert q.shape == (len(x), K) and q.dtype == torch.float32
     torch.testing.assert_close(q.sum(dim=1), torch.ones(len(x)))
+    assert q.max(dim=1).values.mean() < 0.75
     assert torch.equal(q.argmax(dim=1), bank.assign(x))
-    expected = torch.softmax(F.normalize(x, dim=1) @ bank.centroids.T / 0.05, dim=1)
-    torch.testing.assert_close(q, expected)
+    centred = torch.softmax(F.normalize(x - x.mean(dim=0), dim=1) @ bank.centroids.T / tau, dim=1)
+    torch.testing.assert_close(q, centred)
+    uncentred = torch.softmax(F.normalize(x, dim=1) @ bank.centroids.T / tau, dim=1)
+    assert (q - uncentred).abs().sum(dim=1).mean() > 0.5  # L1 distance between the two label distributions, of 2
+    # Only the direction from the mean counts: rows are normalised after centring.
+    torch.testing.assert_close(bank.soft_labels(x.mean(dim=0) + 7.0 * (x - x.mean(dim=0)), tau), q)
     assert bank.soft_labels(x, tau=1e-3).max(dim=1).values.min() > 0.99  # low temperature: nearly one-hot
 
 

@@ -3,6 +3,7 @@ captions that only truncation makes equal), zero-shot, linear probe, kNN overlap
 from __future__ import annotations
 
 import csv
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from kclip.config import load_config
 from kclip.data.cli import prepare_main
 from kclip.data.loader import build_loader, tokenize
 from kclip.eval import attributes
-from kclip.eval.caption_em import ProbeConfig, caption_em, exact_match, train_decoder
+from kclip.eval.caption_em import ProbeConfig, caption_em
 from kclip.eval.knn_overlap import distinct_captions, knn_overlap
 from kclip.eval.linear_probe import holdout_mask, linear_probe
 from kclip.eval.retrieval import retrieval_metrics
@@ -199,19 +200,37 @@ def test_knn_overlap_is_one_under_rotation_and_near_chance_for_unrelated_spaces(
     assert distinct_captions(["x", "y", "x", "z"], limit=2) == [0, 1]
 
 
-def test_caption_decoder_reads_back_informative_embeddings_only():
-    captions = ["a red circle", "a blue square", "a green star", "a pink moon", "two cats", "one dog"]
-    g = torch.Generator().manual_seed(0)
-    informative = torch.randn(len(captions), 16, generator=g)
-    cfg = ProbeConfig(steps=120, batch_size=12, hidden=48, layers=1, lr=1e-2)
-    decoder = train_decoder(informative, captions, cfg)
-    assert exact_match(decoder, informative, captions, cfg.max_bytes) == 1.0
-    constant = torch.zeros(len(captions), 16)
-    blind = train_decoder(constant, captions, cfg)
-    assert exact_match(blind, constant, captions, cfg.max_bytes) <= 1 / len(captions)
+def test_caption_probe_reads_back_held_out_captions_not_memorised_ones():
+    """EM is scored on captions the decoder never saw: embeddings that encode what a caption says (colour and shape
+    as separate coordinates) read back unseen colour-shape pairs; embeddings that only tell the captions apart (one
+    random vector each) are memorised for the training captions and read back none of the held-out ones."""
+    colors, shapes = ["red", "blue", "green", "pink"], ["circle", "square", "star", "moon"]
+    pairs = [(c, s) for c in range(4) for s in range(4)]
+    held_out = [(c, s) for c, s in pairs if c == s]  # every colour and every shape is still seen in training
+    train = [p for p in pairs if p not in held_out]
+
+    def captions(ps):
+        return [f"a {colors[c]} {shapes[s]}" for c, s in ps]
+
+    def compositional(ps):
+        return torch.stack([torch.cat([torch.eye(4)[c], torch.eye(4)[s]]) for c, s in ps])
+
+    per_caption = torch.randn(len(pairs), 8, generator=torch.Generator().manual_seed(0))
+
+    def memorable(ps):
+        return per_caption[[pairs.index(p) for p in ps]]
+
+    cfg = ProbeConfig(steps=150, batch_size=12, hidden=48, layers=1, lr=1e-2)
+    reads = caption_em(compositional(train), captions(train), compositional(held_out), captions(held_out), cfg)
+    assert reads["train_em"] == 1.0 and reads["em"] >= 0.5 and reads["num_test"] == 4
+    memorised = caption_em(memorable(train), captions(train), memorable(held_out), captions(held_out), cfg)
+    assert memorised["train_em"] == 1.0 and memorised["em"] == 0.0
+    blind = caption_em(torch.zeros(12, 8), captions(train), torch.zeros(4, 8), captions(held_out), cfg)
+    assert blind["train_em"] <= 1 / 12 and blind["em"] == 0.0
     # Held-out captions that also occur in training are left out, and so are captions over max_bytes
     # ("a blue square" has 13 bytes).
-    r = caption_em(informative[:4], captions[:4], informative[2:], captions[2:], ProbeConfig(steps=2, max_bytes=12))
+    texts = ["a red circle", "a blue square", "a green star", "a pink moon", "two cats", "one dog"]
+    r = caption_em(per_caption[:4], texts[:4], per_caption[2:6], texts[2:], ProbeConfig(steps=2, max_bytes=12))
     assert r["num_train"] == 3 and r["num_test"] == 2
 
 
@@ -282,9 +301,52 @@ def test_attribute_class_embeddings_formula_and_perfect_case():
 def test_attribute_zero_shot_end_to_end_on_fake_folders(tmp_path, encoder):
     awa = attributes.read_awa2(fake_awa2(tmp_path / "awa"))
     m = attributes.attribute_zero_shot(encoder, awa)
-    for kind in ("classname", "attribute"):
-        for scope in ("", "unseen/"):
-            for metric in ("top1", "top5", "mean_per_class"):
-                assert 0.0 <= m[f"attributes/awa2/{scope}{kind}/{metric}"] <= 1.0
-    assert m["attributes/awa2/classname/top5"] == 1.0  # 3 classes: top-5 covers all
+    assert set(m) == {f"attributes/awa2/{scope}{kind}/{metric}" for scope in ("", "unseen/")
+                      for kind in ("classname", "attribute") for metric in ("top1", "top5", "mean_per_class")
+                      } | {"attributes/awa2/num_images"}
     assert m["attributes/awa2/num_images"] == 6
+
+
+def _top1_and_per_class(scores: torch.Tensor, targets: torch.Tensor, classes: list[int]) -> tuple[float, float]:
+    """Top-1 and mean per-class top-1 of images classified among `classes` only (columns of `scores`)."""
+    rows = [i for i, t in enumerate(targets.tolist()) if t in classes]
+    predicted = {i: classes[int(scores[i, classes].argmax())] for i in rows}
+    correct = {i: predicted[i] == targets[i] for i in rows}
+    per_class = [np.mean([correct[i] for i in rows if targets[i] == c]) for c in classes]
+    return float(np.mean(list(correct.values()))), float(np.mean(per_class))
+
+
+def test_attribute_zero_shot_scores_unseen_classes_among_themselves(monkeypatch):
+    """Designed embeddings: over all classes, image 3 (class 1) is nearest class 0; among the unseen classes 1 and 2
+    it is right. Unequal class sizes tell the mean per-class top-1 from the top-1. Right/wrong counts in the comments
+    are over all classes, for the class-name scores."""
+    classname_w = torch.eye(4)[:3]  # the scores are the images' first three coordinates
+    image = torch.tensor([[0.9, 0.1, 0.0, 0.2], [0.3, 0.0, 0.7, 0.1], [0.8, 0.1, 0.1, 0.0],   # class 0: 2 of 3 right
+                          [0.8, 0.5, 0.1, 0.0], [0.1, 0.9, 0.2, 0.3],                          # class 1: 1 of 2
+                          [0.0, 0.2, 0.9, 0.1], [0.6, 0.5, 0.3, 0.0], [0.1, 0.1, 0.8, 0.4]])   # class 2: 2 of 3
+    targets = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    attribute_emb = F.normalize(torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]), dim=1)
+    strengths = torch.tensor([[5.0, 1, 0, 0], [0, 4, 1, 0], [0, 1, 3, 2]])
+    data = attributes.AttributeDataset("fake", ["a", "b", "c"], ("{}",), ["p0", "p1", "p2", "p3"], strengths,
+                                       [f"{i}.jpg" for i in range(8)], targets, unseen=[1, 2])
+    monkeypatch.setattr(attributes, "embed_image_files", lambda loaded, files: image if files == data.images else None)
+    monkeypatch.setattr(attributes, "class_embeddings",
+                        lambda model, tok, names, templates: classname_w if names == data.class_names else None)
+    monkeypatch.setattr(attributes, "encode_texts",
+                        lambda model, tok, prompts: attribute_emb if prompts == data.attribute_prompts else None)
+    m = attributes.attribute_zero_shot(SimpleNamespace(model=None, tokenizer=None), data)
+
+    # Hand-counted: 5 of 8 right over all classes, per class (2/3 + 1/2 + 2/3) / 3; among the unseen classes
+    # images 3, 4, 5, 7 are right and 6 is not (0.5 > 0.3).
+    assert m["attributes/fake/classname/top1"] == pytest.approx(5 / 8)
+    assert m["attributes/fake/classname/mean_per_class"] == pytest.approx(11 / 18)
+    assert m["attributes/fake/unseen/classname/top1"] == pytest.approx(4 / 5)
+    assert m["attributes/fake/unseen/classname/mean_per_class"] == pytest.approx((2 / 2 + 2 / 3) / 2)
+    # The attribute kind: its class embeddings (formula tested above) through the same protocol.
+    attribute_scores = image @ attributes.attribute_class_embeddings(attribute_emb, strengths).T
+    for scope, classes in (("", [0, 1, 2]), ("unseen/", [1, 2])):
+        for kind, scores in (("classname", image @ classname_w.T), ("attribute", attribute_scores)):
+            top1, per_class = _top1_and_per_class(scores, targets, classes)
+            assert (m[f"attributes/fake/{scope}{kind}/top1"], m[f"attributes/fake/{scope}{kind}/mean_per_class"]) \
+                == pytest.approx((top1, per_class)), (scope, kind)
+    assert m["attributes/fake/num_images"] == 8

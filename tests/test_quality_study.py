@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from scipy import stats
 from shapes import make_shapes_mds
 
 from kclip.config import load_config, save_config
@@ -24,31 +25,61 @@ def test_describe_uses_the_sample_std():
     assert qs.describe([0.5]) == {"mean": 0.5, "std": None, "n": 1}
 
 
+def test_paired_t_test_p_values_match_the_t_tables():
+    # Two-sided 5% critical values of Student's t from the tables: 4.303 (2 df), 2.776 (4 df), 2.262 (9 df). "Beyond
+    # 2 SE" is the normal's 1.96, right only for many seeds.
+    assert qs.paired_t_p(4.303, 2) == pytest.approx(0.05, abs=1e-4)
+    assert qs.paired_t_p(-2.776, 4) == pytest.approx(0.05, abs=1e-4)
+    assert qs.paired_t_p(2.262, 9) == pytest.approx(0.05, abs=1e-4)
+    # 2 SE is not 5% at few degrees of freedom: t = 3.46 at 2 df (three seeds) is p = 0.074.
+    assert qs.paired_t_p(3.46, 2) == pytest.approx(0.0743, abs=1e-4)
+    assert qs.paired_t_p(0.0, 3) == 1.0
+
+
 def test_paired_difference_over_the_common_seeds():
     variant = {0: 0.5, 1: 0.7, 2: 0.9}
     plain = {0: 0.4, 1: 0.5, 2: 0.6, 3: 0.9}  # seed 3 has no partner: left out of the mean, the SE and the ratio
     p = qs.paired_difference(variant, plain)
-    assert p["n"] == 3
+    assert p["n"] == 3 and p["df"] == 2
     assert p["mean_diff"] == pytest.approx(0.2)  # d = 0.1, 0.2, 0.3
     assert p["se"] == pytest.approx(0.1 / math.sqrt(3))  # std(d, ddof=1) = 0.1
+    assert p["t"] == pytest.approx(2 * math.sqrt(3))  # 3.46: beyond 2 SE, yet
+    assert p["p"] == pytest.approx(0.0742, abs=1e-4)  # not below 5% with 2 degrees of freedom
     assert p["ratio"] == pytest.approx(0.7 / 0.5)
-    assert p["significant"]  # 0.2 > 2 x 0.0577
+    assert not p["headline"] and "significant" not in p  # 3 seeds, and nothing claims a finding
+    assert qs.paired_cell(p) == "+0.200 ± 0.058 (1.40x) p=0.074 †"
 
 
-def test_paired_difference_is_not_significant_within_two_standard_errors():
+def test_five_seeds_make_a_headline_number():
+    # d = 0.1, 0.2, 0.3, 0.4, 0.5: mean 0.3, std(ddof=1) sqrt(0.025), t = 0.3 / (sqrt(0.025) / sqrt(5)) = 4.243 at 4 df.
+    plain = {s: 0.5 for s in range(5)}
+    p = qs.paired_difference({s: 0.5 + 0.1 * (s + 1) for s in range(5)}, plain)
+    assert p["n"] == 5 and p["df"] == 4 and p["headline"]
+    assert p["t"] == pytest.approx(0.3 / math.sqrt(0.025 / 5))
+    assert p["p"] == pytest.approx(0.01324, abs=1e-4)
+    assert qs.paired_cell(p) == "+0.300 ± 0.071 (1.60x) p=0.013"
+
+
+def test_paired_difference_without_spread_or_partner_has_no_test():
     p = qs.paired_difference({0: 0.5, 1: 0.4}, {0: 0.4, 1: 0.5})  # d = +0.1, -0.1
-    assert p["mean_diff"] == pytest.approx(0.0) and p["se"] == pytest.approx(0.1) and not p["significant"]
+    assert p["mean_diff"] == pytest.approx(0.0) and p["se"] == pytest.approx(0.1) and p["p"] == pytest.approx(1.0)
     single = qs.paired_difference({0: 0.5}, {0: 0.4})
-    assert single["se"] is None and not single["significant"]
+    assert single["se"] is None and single["t"] is None and single["p"] is None and not single["headline"]
+    same = qs.paired_difference({0: 454.0, 1: 454.0}, {0: 454.0, 1: 454.0})  # e.g. num_samples: t is 0 / 0
+    assert same["se"] == 0.0 and same["t"] is None and same["p"] is None
 
 
 def test_pairing_cancels_the_noise_both_variants_share():
     # Seeds move both variants together: the means' stds are large, the paired differences' SE is small.
-    plain = {0: 0.10, 1: 0.30, 2: 0.50}
-    variant = {0: 0.12, 1: 0.31, 2: 0.53}
-    assert qs.describe(list(plain.values()))["std"] == pytest.approx(0.2)
+    plain = {0: 0.10, 1: 0.30, 2: 0.50, 3: 0.70, 4: 0.90}
+    variant = {s: v + d for (s, v), d in zip(plain.items(), (0.02, 0.01, 0.03, 0.02, 0.02))}
+    assert qs.describe(list(plain.values()))["std"] == pytest.approx(math.sqrt(0.1))
     p = qs.paired_difference(variant, plain)
-    assert p["se"] < 0.01 and p["significant"]
+    assert p["se"] == pytest.approx(math.sqrt(0.00005 / 5))  # std(d, ddof=1)^2 = 0.0002 / 4
+    reference = stats.ttest_rel(list(variant.values()), list(plain.values()))
+    assert (p["t"], p["p"]) == pytest.approx((reference.statistic, reference.pvalue)) and p["p"] < 0.01
+    # Unpaired, the same numbers say nothing: the seed-to-seed spread swamps the difference.
+    assert stats.ttest_ind(list(variant.values()), list(plain.values())).pvalue > 0.9
 
 
 def test_run_metrics_keeps_numbers_and_adds_mean_recall():
@@ -149,10 +180,11 @@ def test_tiny_study_end_to_end_and_resumed(tmp_path, shapes):
     assert set(study["runs"]) == {"plain", "distill_cosine"}
     assert all(set(seeds) == {"0", "1"} for seeds in study["runs"].values())
     paired = study["paired"]["distill_cosine"]["retrieval/mean_R@10"]
-    assert paired["n"] == 2 and paired["se"] is not None and paired["ratio"] is not None
+    assert paired["n"] == 2 and paired["se"] is not None and paired["ratio"] is not None and not paired["headline"]
     assert study["summary"]["plain"]["probe/linear/shape/top1"]["n"] == 2
     md = (out / "study.md").read_text()
     assert "Paired difference to plain" in md and "| distill_cosine |" in md and "--variants distill_cosine" in md
+    assert "†" in md and "* marks" not in md
     assert (out / "retrieval_mean_R@10.png").stat().st_size > 0
     # Both distillation seeds read one shared cache folder (one teacher setting, one dataset).
     assert len(list((out / "teacher_cache").iterdir())) == 1
