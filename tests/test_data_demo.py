@@ -32,18 +32,23 @@ def demo(tmp_path_factory):
     return out
 
 
+SPLITS = ("train", "val", "test")
+
+
 def test_demo_split_keeps_skin_tone_variants_together(demo):
-    train, val = read_mds(demo / "train"), read_mds(demo / "val")
-    train_bases, val_bases = {base(r["id"]) for r in train}, {base(r["id"]) for r in val}
-    assert not train_bases & val_bases
-    assert 0.10 <= len(val) / (len(train) + len(val)) <= 0.15
-    assert len(train) + len(val) > 3500
-    # the split really groups variants: some base has several files (skin tones) on the val side
-    assert max(Counter(base(r["id"]) for r in val).values()) >= 5
+    records = {split: read_mds(demo / split) for split in SPLITS}
+    bases = {split: {base(r["id"]) for r in rows} for split, rows in records.items()}
+    assert not bases["train"] & bases["val"] and not bases["train"] & bases["test"] and not bases["val"] & bases["test"]
+    total = sum(len(rows) for rows in records.values())
+    assert total > 3500
+    for held_out in ("val", "test"):
+        assert 0.09 <= len(records[held_out]) / total <= 0.15, held_out
+        # the split really groups variants: some base has several files (skin tones) on the held-out side
+        assert max(Counter(base(r["id"]) for r in records[held_out]).values()) >= 5
 
 
 def test_demo_records_have_labels_captions_and_rgb_images(demo):
-    records = read_mds(demo / "train") + read_mds(demo / "val")
+    records = [r for split in SPLITS for r in read_mds(demo / split)]
     assert set(records[0]) == {"id", "image", "caption", "category", "subcategory"}
     assert all(r["category"] and r["subcategory"] for r in records)
     assert 8 <= len({r["category"] for r in records}) <= 12
@@ -60,7 +65,7 @@ def test_demo_records_have_labels_captions_and_rgb_images(demo):
 
 
 def test_demo_writes_stats_and_attribution(demo):
-    for split in ("train", "val"):
+    for split in SPLITS:
         stats = json.loads((demo / split / "stats.json").read_text())
         assert stats["written"] > 0 and set(stats["skipped"]) <= {"no_metadata"}
         assert sum(stats["caption_tokens"]["histogram"].values()) == stats["written"]

