@@ -96,6 +96,9 @@ VARIANTS: dict[str, list[str]] = {
     # text-tower shape as the teacher-vocabulary variants, which it separates the vocabulary's share of their gain from.
     "plain_teacher_vocab": ["loss.distill_weight=0", "loss.concept_weight=0", "student.tokenizer=teacher",
                             "student.token_init=random"],
+    # The teacher's token embeddings as the start, and no teacher loss: against plain_teacher_vocab it is the
+    # initialisation's share of the teacher's gain, against the teacher-loss variants the losses' share.
+    "token_init_alone": ["loss.distill_weight=0", "loss.concept_weight=0", *TEACHER_TOKENS],
     # Distillation alone in its landed default form: does the teacher's text embedding help without concepts?
     "distill_raw_cosine": ["loss.concept_weight=0", "loss.distill_kind=cosine", "loss.distill_target=raw", *BYTES],
     # Cosine to mean-centred teacher embeddings: does removing the teacher's common direction (anisotropy) help?
@@ -166,10 +169,21 @@ def make_runs(config: str, variants: dict[str, list[str]], seeds: list[int], out
     return runs
 
 
-def next_action(folder: Path, cfg: Config) -> str:
-    """What the run in `folder` still needs: "done" (eval.json exists), "evaluate" (its `latest` checkpoint is the
-    final step) or "train" (empty, or a checkpoint to resume from). Raises StudyError if the folder was trained
-    with other settings than `cfg`."""
+def split_files(split: str) -> tuple[str, str]:
+    """(a run's metrics file, the study's file stem) for an evaluation split: the val split keeps the names studies
+    have always written (eval.json, study.*), another split gets its own (eval_test.json, study_test.*)."""
+    return ("eval.json", "study") if split == "val" else (f"eval_{split}.json", f"study_{split}")
+
+
+def split_data(cfg: Config, split: str) -> str:
+    """The MDS folder of `split`: data.val itself, or its sibling of that name (the demo's data/demo/test)."""
+    return cfg.data.val if split == "val" else str(Path(cfg.data.val).parent / split)
+
+
+def next_action(folder: Path, cfg: Config, metrics_file: str = "eval.json") -> str:
+    """What the run in `folder` still needs: "done" (its `metrics_file` exists), "evaluate" (its `latest` checkpoint
+    is the final step) or "train" (empty, or a checkpoint to resume from). Raises StudyError if the folder was
+    trained with other settings than `cfg`."""
     saved = folder / "config.yaml"
     if saved.is_file():
         changed = [c for c in diff_configs(from_dict(yaml.safe_load(saved.read_text())), cfg)
@@ -177,7 +191,7 @@ def next_action(folder: Path, cfg: Config) -> str:
         if changed:
             raise StudyError(f"{folder} was trained with other settings ({'; '.join(changed)}): "
                              "use another --out, or remove that folder")
-    if (folder / "eval.json").is_file():
+    if (folder / metrics_file).is_file():
         return "done"
     latest = folder / "checkpoints" / "latest"
     if latest.is_file() and latest.read_text().strip() == tag_for(cfg.train.steps):
@@ -190,11 +204,12 @@ def train_command(config: str, run: Run) -> list[str]:
             "--resume", "auto", *run.overrides]
 
 
-def eval_command(run: Run, label_cols: str, teacher: str | None, eval_args: list[str]) -> list[str]:
-    """`kclip eval` of the run on its config's val split, probes trained on its train split. `teacher` (the study
+def eval_command(run: Run, label_cols: str, teacher: str | None, eval_args: list[str], split: str = "val") -> list[str]:
+    """`kclip eval` of the run on `split` (split_data), probes trained on its train split. `teacher` (the study
     config's teacher.path) gives runs without a teacher, plain CLIP included, the teacher kNN overlap too."""
-    cmd = [sys.executable, "-m", "kclip.cli", "eval", "--checkpoint", str(run.folder), "--data", run.cfg.data.val,
-           "--label-cols", label_cols, "--probe-train", run.cfg.data.train, "--out", str(run.folder / "eval.json")]
+    cmd = [sys.executable, "-m", "kclip.cli", "eval", "--checkpoint", str(run.folder), "--data",
+           split_data(run.cfg, split), "--label-cols", label_cols, "--probe-train", run.cfg.data.train,
+           "--out", str(run.folder / split_files(split)[0])]
     return cmd + (["--teacher", teacher] if teacher else []) + eval_args
 
 
@@ -295,7 +310,8 @@ def paired_cell(p: dict | None) -> str:
 
 def markdown(study: dict) -> str:
     keys, variants = study["key_metrics"], list(study["runs"])
-    lines = [f"# Quality study: {study['config']}, {study['steps']} steps, seeds {study['seeds']}", "",
+    lines = [f"# Quality study: {study['config']}, {study['steps']} steps, seeds {study['seeds']}, evaluated on "
+             f"{study.get('split', 'val')}", "",
              "    " + study["command"], "",
              f"{study['machine']['date_utc']} UTC, {study['machine']['cpu']} ({study['machine']['cpu_count']} cores), "
              f"GPU {study['machine']['gpu']}, load average at start {study['machine']['load_avg_1_5_15']}.",
@@ -317,7 +333,8 @@ def markdown(study: dict) -> str:
     notes += [f"- failed: {f['variant']} seed {f['seed']} ({f['log']})" for f in study["failed"]]
     if notes:
         lines += ["", "## Notes", "", *notes]
-    lines += ["", "## Plots", "", *(f"![{k}]({plot_name(k)})" for k in keys)]
+    prefix = "" if study.get("split", "val") == "val" else f"{study['split']}_"
+    lines += ["", "## Plots", "", *(f"![{k}]({prefix}{plot_name(k)})" for k in keys)]
     return "\n".join(lines) + "\n"
 
 
@@ -367,6 +384,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="train.steps of every run (default: the config's)")
     p.add_argument("--overrides", nargs="+", default=[], help="a.b=c applied to every run, after the variant's")
     p.add_argument("--label-cols", default="category,subcategory", help="label columns of the val split (kclip eval)")
+    p.add_argument("--split", default="val", help="the split every run is evaluated on: val (data.val, where variants "
+                   "are chosen) or the name of data.val's sibling folder (test: the numbers reported after the "
+                   "choice); each split has its own eval_<split>.json per run and study_<split>.md")
     p.add_argument("--eval-args", type=shlex.split, default=shlex.split("--skip caption_em"),
                    help="extra `kclip eval` arguments as one string (default: '--skip caption_em', whose GRU decoder "
                    "would add minutes per run; pass '' to include it)")
@@ -403,7 +423,10 @@ def main(argv: list[str] | None = None) -> int:
             raise StudyError(f"{args.config}: data.val is not set; the runs are evaluated on it "
                              "(--overrides data.val=DIR)")
         runs = make_runs(args.config, {n: table[n] for n in names}, args.seeds, out, common)
-        actions = {id(r): next_action(r.folder, r.cfg) for r in runs}
+        metrics_file, study_name = split_files(args.split)
+        if not Path(split_data(base, args.split)).is_dir():
+            raise StudyError(f"--split {args.split}: no folder {split_data(base, args.split)}")
+        actions = {id(r): next_action(r.folder, r.cfg, metrics_file) for r in runs}
     except (ConfigError, StudyError) as e:
         print(f"quality_study: {e}", file=sys.stderr)
         return 2
@@ -411,8 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = [r for r in runs if actions[id(r)] != "done"]
     counts = {a: sum(actions[id(r)] == a for r in runs) for a in ("train", "evaluate", "done")}
     print(f"{len(runs)} runs ({len(names)} variants x {len(args.seeds)} seeds, {base.train.steps} steps of "
-          f"{args.config}): {counts['train']} to train, {counts['evaluate']} to evaluate, {counts['done']} done; "
-          f"logs in {out}/<variant>/seed<S>/{{train,eval}}.log")
+          f"{args.config}): {counts['train']} to train, {counts['evaluate']} to evaluate on {args.split}, "
+          f"{counts['done']} done; logs in {out}/<variant>/seed<S>/{{train,eval}}.log")
     if len(set(args.seeds)) < MIN_SEEDS:
         print(f"{len(set(args.seeds))} seeds: the paired differences will be marked † in study.md, not headline "
               f"numbers (they need at least {MIN_SEEDS})")
@@ -429,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             if actions[id(r)] == "train":
                 print(f"{r.variant} seed{r.seed} train: {shlex.join(train_command(args.config, r))}")
             print(f"{r.variant} seed{r.seed} eval: "
-                  f"{shlex.join(eval_command(r, args.label_cols, base.teacher.path, args.eval_args))}")
+                  f"{shlex.join(eval_command(r, args.label_cols, base.teacher.path, args.eval_args, args.split))}")
         return 0
 
     env = bench_env(args.threads)
@@ -449,8 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_kclip(train_command(args.config, r), r.folder / "train.log", env, timeout=None)
             if args.train_only:
                 return "trained"
-            run_kclip(eval_command(r, args.label_cols, base.teacher.path, args.eval_args), r.folder / "eval.log", env,
-                      timeout=None)
+            run_kclip(eval_command(r, args.label_cols, base.teacher.path, args.eval_args, args.split),
+                      r.folder / f"{Path(metrics_file).stem}.log", env, timeout=None)
             return "trained and evaluated" if actions[id(r)] == "train" else "evaluated"
         except RuntimeError as e:  # one broken variant must not cost the other runs of an unattended study
             failed.append({"variant": r.variant, "seed": r.seed, "log": str(r.folder)})
@@ -470,8 +493,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, dict[int, dict[str, float]]] = {}
     for r in runs:
-        if (r.folder / "eval.json").is_file():
-            results.setdefault(r.variant, {})[r.seed] = run_metrics(json.loads((r.folder / "eval.json").read_text()))
+        if (r.folder / metrics_file).is_file():
+            results.setdefault(r.variant, {})[r.seed] = run_metrics(json.loads((r.folder / metrics_file).read_text()))
     summary, paired = summarize(results, args.baseline)
     present = {m for by_seed in results.values() for metrics in by_seed.values() for m in metrics}
     teachers = {r.variant: r.cfg.teacher for r in runs}
@@ -479,17 +502,17 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["quality_study.py", *argv]),
         "machine": start_machine, "config": args.config, "steps": base.train.steps, "seeds": args.seeds,
         "baseline": args.baseline, "variants": {n: table[n] for n in names}, "common_overrides": common,
-        "eval_args": args.eval_args, "label_cols": label_cols,
+        "eval_args": args.eval_args, "label_cols": label_cols, "split": args.split,
         "key_metrics": key_metrics(label_cols, present),
         "teacher_differs": {n: d for n in names if (d := diff_configs(teachers[args.baseline], teachers[n]))},
         "runs": {v: {s: results[v][s] for s in sorted(results[v])} for v in names if v in results},
         "failed": failed, "summary": summary, "paired": paired,
     }
-    write_json(out / "study.json", study)
-    (out / "study.md").write_text(markdown(study))
+    write_json(out / f"{study_name}.json", study)
+    (out / f"{study_name}.md").write_text(markdown(study))
     for metric in study["key_metrics"]:
-        plot_metric(study, metric, out / plot_name(metric))
-    print(f"wrote {out / 'study.md'} and {len(study['key_metrics'])} plots")
+        plot_metric(study, metric, out / (("" if args.split == "val" else f"{args.split}_") + plot_name(metric)))
+    print(f"wrote {out / f'{study_name}.md'} and {len(study['key_metrics'])} plots")
     return 1 if failed else 0
 
 
