@@ -3,6 +3,10 @@ for bit; later loads never read the GGUF; an unwritable cache, a damaged copy, a
 converting at once all end with a working teacher."""
 import fcntl
 import logging
+import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +18,7 @@ import torch
 from multiproc import run_ranks
 from test_teacher import CAPTIONS, real_teacher_path
 
-from kclip.config import TeacherConfig
+from kclip.config import ConfigError, TeacherConfig
 from kclip.teacher import gguf_cache
 from kclip.teacher.model import build_teacher
 from kclip.tokenizers import gguf_config, load_tokenizer
@@ -158,6 +162,38 @@ def test_a_process_waiting_for_a_converter_reads_its_copy_or_the_gguf_but_never_
         waiter.join(60)
         assert result == [str(folder) if holder_succeeds else tiny_gguf]
         assert ("did not finish" in caplog.text) != holder_succeeds
+
+
+# A converter that never finishes: kclip's own locking, with the conversion replaced by a long sleep.
+STUCK_CONVERTER = """
+import sys, time
+from kclip.teacher import gguf_cache
+gguf_cache._convert = lambda *a: (print("converting", flush=True), time.sleep(120))
+gguf_cache.resolve(sys.argv[1], convert=True)
+"""
+
+
+def test_waiting_for_a_stuck_converter_ends_at_its_own_bound_with_one_line_naming_it(tiny_gguf, caplog):
+    folder, _ = gguf_cache._place(tiny_gguf)
+    with subprocess.Popen([sys.executable, "-c", STUCK_CONVERTER, tiny_gguf], stdout=subprocess.PIPE,
+                          text=True) as holder:
+        try:
+            assert holder.stdout.readline() == "converting\n"
+            caplog.set_level(logging.INFO, logger=gguf_cache.__name__)
+            began = time.monotonic()
+            with pytest.raises(ConfigError) as e:
+                build_teacher(TeacherConfig(path=tiny_gguf, convert_timeout_s=1.0), shard=False)
+            took = time.monotonic() - began
+        finally:
+            holder.kill()
+    who = f"{socket.gethostname()}:{holder.pid}"
+    assert 1.0 <= took < 5.0, took  # the bound, and reading the tiny GGUF's config before it
+    message = str(e.value)
+    assert "\n" not in message and re.match(re.escape("teacher.convert_timeout_s: waited ") + r"1\.\d s " + re.escape(
+        f"for {who} converting {tiny_gguf} into {folder} (lock {folder}.lock)"), message), message
+    assert "teacher.convert_gguf=false" in message
+    [waiting] = [r.getMessage() for r in caplog.records if r.name == gguf_cache.__name__]
+    assert waiting.startswith(f"teacher: waiting for {who} converting {tiny_gguf} into {folder}: 0 s of at most 1 s")
 
 
 def _sharded_teacher_on_an_empty_cache(path):

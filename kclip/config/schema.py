@@ -129,6 +129,9 @@ class TeacherConfig:
     # a .gguf teacher: save it de-quantised, once, as a Hugging Face folder under $KCLIP_CACHE (~/.cache/kclip), which
     # later starts load instead (kclip.teacher.gguf_cache); false: write no copy (one already there is still read)
     convert_gguf: bool = True
+    # how long a process waits for another converting the same .gguf (a 7B takes minutes) before it fails: a holder
+    # stuck on another node would otherwise hold every waiting rank until dist.timeout_s, with nothing naming it
+    convert_timeout_s: float = num(1800.0, POSITIVE)
     seed: int = num(0, SEED)  # for random_config
     cache: bool = True  # keep teacher embeddings on disk by sample id: later epochs skip the teacher
     cache_dir: str | None = None  # default <run>/teacher_cache; share it between runs with the same teacher and data

@@ -22,15 +22,21 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
+import socket
 import time
 from functools import lru_cache
 from pathlib import Path
 
+from kclip.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 META = "meta.json"
+POLL_S = 0.2  # how often a waiting process tries the lock again: flock itself takes no timeout
+REPORT_S = 60.0  # how often it says what it is still waiting for
 
 
 def cache_root() -> Path:
@@ -79,11 +85,12 @@ def _complete(folder: Path, identity: dict) -> bool:
         return False
 
 
-def resolve(path: str, convert: bool = False) -> str:
+def resolve(path: str, convert: bool = False, timeout_s: float = math.inf) -> str:
     """Where to read the teacher `path` from: a `.gguf` file's converted folder when the cache holds a complete one;
     else, with `convert`, the folder converted now, or `path` itself (after one warning) if that fails; else `path`.
 
-    Conversion failures never fail the run: the cache only saves time, and the GGUF itself still loads.
+    Conversion failures never fail the run: the cache only saves time, and the GGUF itself still loads. Waiting longer
+    than `timeout_s` (teacher.convert_timeout_s) for another process converting it does: ConfigError, one line.
     """
     if not path.endswith(".gguf"):
         return path
@@ -93,10 +100,13 @@ def resolve(path: str, convert: bool = False) -> str:
     if not convert:
         return path
     try:
-        if _convert_once(path, folder, identity):
+        if _convert_once(path, folder, identity, timeout_s):
             return str(folder)
         log.warning("teacher: another process's conversion of %s into %s did not finish; loading the GGUF directly",
                     path, folder)
+    except ConfigError:  # the run's bound, not a cache failure: falling back, every waiting rank would de-quantise
+        # the whole GGUF at once, the cost the lock is there to avoid
+        raise
     except Exception as e:  # noqa: BLE001 - whatever failed (a full or read-only cache, a corrupt GGUF), the GGUF
         # loader runs as before, and reports a bad file in its own words
         hint = (" (on every start until fixed: set KCLIP_CACHE to a writable folder with room, or "
@@ -106,7 +116,7 @@ def resolve(path: str, convert: bool = False) -> str:
     return path
 
 
-def _convert_once(path: str, folder: Path, identity: dict) -> bool:
+def _convert_once(path: str, folder: Path, identity: dict, timeout_s: float) -> bool:
     """Convert `path` into `folder` unless another process does; True once `folder` is complete.
 
     One process converts, holding a file lock next to the folder; the others (ranks of this node, of other nodes on a
@@ -114,7 +124,8 @@ def _convert_once(path: str, folder: Path, identity: dict) -> bool:
     whole float32 model in memory at once (a 7B teacher: 28 GB per rank). Not local rank 0 before a barrier: a barrier
     is a collective bounded by dist.timeout_s, which a large teacher's conversion can outlast, the unsharded teacher
     has no process group, and it would not order nodes sharing the cache or two jobs. Waiting on the lock is no
-    collective, so it cannot pair up with one; the heartbeat thread keeps beating meanwhile.
+    collective, so it cannot pair up with one; the heartbeat thread keeps beating meanwhile. The wait has its own bound,
+    `timeout_s`: the converter writes its host:pid into the lock file, which the waiting lines and the error name.
     False when this process waited and the holder left no complete folder: its failure (a full disk) would fail again
     here, and every waiting rank retrying in turn would multiply the cost.
     Not covered: nodes with caches of their own, some holding the copy and some not (a job requeued onto other
@@ -122,19 +133,55 @@ def _convert_once(path: str, folder: Path, identity: dict) -> bool:
     dist.timeout_s, for those converting.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(folder.name + ".lock"), "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            waited = False
-        except BlockingIOError:
-            log.info("teacher: waiting for another process converting %s", path)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            waited = True
+    with open(folder.with_name(folder.name + ".lock"), "a+") as lock:
+        waited = not _try_lock(lock)
+        if waited:
+            _wait_for(lock, path, folder, timeout_s)
         done = _complete(folder, identity)  # also when a holder finished between the look-up and the lock
         if not (done or waited):
-            _convert(path, folder, identity)
+            _set_holder(lock, f"{socket.gethostname()}:{os.getpid()}")
+            try:
+                _convert(path, folder, identity)
+            finally:
+                _set_holder(lock, "")  # a later waiter must not name this process, long gone
             done = True
         return done
+
+
+def _try_lock(lock) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _set_holder(lock, holder: str) -> None:
+    os.ftruncate(lock.fileno(), 0)
+    os.write(lock.fileno(), holder.encode())
+
+
+def _holder(lock) -> str:
+    """The converter named in the lock file; empty between its taking the lock and writing its name."""
+    return os.pread(lock.fileno(), 256, 0).decode(errors="replace").strip() or "another process"
+
+
+def _wait_for(lock, path: str, folder: Path, timeout_s: float) -> None:
+    """Take `lock` once its holder, converting `path`, lets go; ConfigError after `timeout_s`."""
+    began = time.monotonic()
+    reported = -math.inf
+    while not _try_lock(lock):
+        waited = time.monotonic() - began
+        if waited >= timeout_s:
+            raise ConfigError(f"teacher.convert_timeout_s: waited {waited:.1f} s for {_holder(lock)} converting "
+                              f"{path} into {folder} (lock {lock.name}); raise teacher.convert_timeout_s if it is "
+                              "still converting, end it if it is stuck, or set teacher.convert_gguf=false to load the "
+                              "GGUF without waiting")
+        if waited - reported >= REPORT_S:
+            log.info("teacher: waiting for %s converting %s into %s: %.0f s of at most %g s "
+                     "(teacher.convert_timeout_s)", _holder(lock), path, folder, waited, timeout_s)
+            reported = waited
+        time.sleep(min(POLL_S, timeout_s - waited))
 
 
 def _convert(path: str, folder: Path, identity: dict) -> None:

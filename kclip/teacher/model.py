@@ -115,7 +115,8 @@ def _load_module(cfg: TeacherConfig, model_config, dtype: torch.dtype, ds_config
     if cfg.random_config is not None:
         torch.manual_seed(cfg.seed)
         return AutoModel.from_config(model_config).to(dtype)
-    folder, gguf_file = split_gguf(gguf_cache.resolve(cfg.path, convert=cfg.convert_gguf))
+    folder, gguf_file = split_gguf(gguf_cache.resolve(cfg.path, convert=cfg.convert_gguf,
+                                                          timeout_s=cfg.convert_timeout_s))
     # Passing the config already read saves re-parsing it (reading a GGUF's metadata takes seconds).
     kwargs = {"config": model_config, "dtype": dtype} | ({"gguf_file": gguf_file} if gguf_file else {})
     if ds_config is None:
