@@ -14,20 +14,16 @@ import torch
 
 from kclip.concepts.bank import ConceptBank
 from kclip.config import Config
-from kclip.data.loader import build_loader
+from kclip.data.loader import CaptionDataset
 from kclip.eval.knn_overlap import teacher_embeddings
 
 
 def sample_captions(data_dir: str, limit: int) -> list[str]:
-    """Up to `limit` captions at evenly spaced indices of an MDS folder."""
-    from streaming import StreamingDataset
-
-    dataset = build_loader(data_dir, batch_size=1, image_size=8, train=False, student_tokenizer="byte",
-                           student_max_len=8, shuffle=False, num_workers=0).dataset
+    """Up to `limit` captions at evenly spaced indices of an MDS folder (no image is decoded)."""
+    dataset = CaptionDataset(data_dir, batch_size=1)
     n = dataset.num_samples
     indices = sorted({int(i) for i in torch.linspace(0, n - 1, min(limit, n))})
-    # The base class returns the raw record: the caption, without decoding the image.
-    return [StreamingDataset.get_item(dataset, i)["caption"] for i in indices]
+    return [dataset[i]["caption"] for i in indices]
 
 
 def pca_2d(x: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
