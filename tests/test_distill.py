@@ -148,18 +148,37 @@ def test_statistics_are_exact_running_moments():
     torch.testing.assert_close(stats.mean, x.mean(0), atol=1e-5, rtol=0)
     # The whitener is refreshed at 64, 128, 256 samples (doubling), then kept until 512.
     assert stats.whitened_at == 256 and stats.count == 400
-    # ZCA of the first 256 samples' covariance, each eigenvalue floored by 1% of their mean.
+    # ZCA of the first 256 samples' covariance shrunk towards its mean eigenvalue by d / (256 + d).
     seen = x[:256].double()
-    eigval, eigvec = torch.linalg.eigh(torch.cov(seen.T, correction=0))
-    eigval = eigval + 1e-2 * eigval.mean()
+    cov = torch.cov(seen.T, correction=0)
+    s = D / (256 + D)
+    eigval, eigvec = torch.linalg.eigh((1 - s) * cov + s * torch.trace(cov) / D * torch.eye(D, dtype=torch.float64))
     torch.testing.assert_close(stats.whitener, ((eigvec / eigval.sqrt()) @ eigvec.T).float(), atol=1e-4, rtol=1e-4)
-    white = stats.transform(x[:256]).double()
-    # Whitened: unit variance in every direction whose eigenvalue is well above the floor.
-    assert torch.linalg.eigvalsh(torch.cov(white.T)).max() < 1.01
+    # Whitened, shrunk: no direction's variance above 1 / (1 - s), the strong ones near it.
+    variances = torch.linalg.eigvalsh(torch.cov(stats.transform(x[:256]).double().T, correction=0))
+    assert variances.max() <= 1 / (1 - s) + 1e-4 and variances.max() > 1.0
     centered = TeacherStats(D, "centered")
     centered.update(x)
     torch.testing.assert_close(centered.transform(x).mean(0), torch.zeros(D), atol=1e-4, rtol=0)
     assert centered.sum_outer is None  # no covariance kept when it is not used
+
+
+def test_the_first_whitener_on_fewer_rows_than_dimensions_does_not_amplify_what_they_never_saw():
+    """SmolLM2's width and one global batch of the demo: 64 rows in 576 dimensions, anisotropic as its embeddings are.
+    A direction outside the rows' span must not be scaled far above the ones they span."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 576, 64
+    x = torch.randn(n, d, generator=g) * torch.linspace(3.0, 0.1, d) + 1.0
+    stats = TeacherStats(d, "whitened")
+    stats.update(x)
+    assert stats.whitened_at == n
+    _, _, vh = torch.linalg.svd((x - x.mean(0)).double(), full_matrices=True)
+    inside, outside = vh[0].float(), vh[-1].float()  # the rows' top direction, and one orthogonal to all of them
+
+    def gain(v):
+        return float((v @ stats.whitener).norm())
+
+    assert gain(outside) / gain(inside) < 4.0, (gain(outside), gain(inside))
 
 
 def test_statistics_state_round_trips_bitwise():

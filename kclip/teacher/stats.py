@@ -15,17 +15,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Whitening divides by sqrt(eigenvalue + floor): with fewer samples than dimensions (576 for SmolLM2, 4096 for
-# Llama-2-7B) most eigenvalues are ~0, and dividing by them would blow up noise. Flooring at 1% of the mean eigenvalue
-# caps the amplification of any direction at 10x that of an average one.
-WHITEN_FLOOR = 1e-2
+
+def shrinkage(count: int, dim: int) -> float:
+    """The weight s of the isotropic part of the covariance that whitening inverts, (1 - s) C + s (tr C / d) I, with
+    s = d / (n + d) after n rows.
+
+    With fewer rows than dimensions (the first whitener sees one global batch: 64 rows of SmolLM2's 576) most of the
+    sample covariance's eigenvalues are ~0, and whitening would scale the directions outside the rows' span far above
+    the ones inside (~30x the top direction with a floor of 1% of the mean eigenvalue): noise a target must not
+    carry. s is near 1 there (64 rows: 0.9, a target close to the centred one) and fades as the statistics earn their
+    directions (the demo's 12800 rows: 0.04)."""
+    return dim / (count + dim)
 
 
 class TeacherStats:
     """Running mean, and with `whiten` the covariance, of teacher embeddings; identical on every rank.
 
     `transform(x)` maps teacher embeddings into the space the distillation target and the concept bank use:
-    raw -> x;  centered -> x - mean;  whitened -> (x - mean) @ W with W the ZCA whitener of the running covariance.
+    raw -> x;  centered -> x - mean;  whitened -> (x - mean) @ W with W the ZCA whitener of the running covariance,
+    shrunk towards the isotropic (`shrinkage`).
     W is an eigendecomposition of a [d, d] matrix (seconds for d = 4096 on a CPU), so it is refreshed whenever the
     sample count has doubled since the last refresh: O(log n) refreshes over a run, each from twice the data.
     """
@@ -58,7 +66,9 @@ class TeacherStats:
         mean = self.sum / self.count
         cov = self.sum_outer / self.count - torch.outer(mean, mean)
         eigval, eigvec = torch.linalg.eigh((cov + cov.T) / 2)
-        eigval = eigval.clamp_min(0) + WHITEN_FLOOR * eigval.clamp_min(0).mean()
+        eigval = eigval.clamp_min(0)
+        s = shrinkage(self.count, self.dim)
+        eigval = (1 - s) * eigval + s * eigval.mean()
         self.whitener = ((eigvec / eigval.sqrt()) @ eigvec.T).float()
         self.whitened_at = self.count
 
