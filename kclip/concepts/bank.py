@@ -17,6 +17,7 @@ from scipy.optimize import linear_sum_assignment
 
 from kclip import dist
 from kclip.concepts.kmeans import KMEANS, nearest, resolve_backend
+from kclip.teacher.stats import centred
 
 # faiss's default cap on training points per centroid (anything beyond it faiss would subsample away): the fit
 # samples this many per centroid, whichever backend clusters them.
@@ -141,7 +142,7 @@ class ConceptBank:
     def prepare(self, emb: torch.Tensor) -> torch.Tensor:
         """Teacher rows [n, dim] into the space the centroids live in (for fits, labels, and anything drawn beside the
         centroids): centred on the fitted mean, then L2-normalised when spherical."""
-        x = emb.float() - self.mean.to(emb.device)
+        x = centred(emb, self.mean)
         return F.normalize(x, dim=1) if self.spherical else x
 
     @torch.no_grad()

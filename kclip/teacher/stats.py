@@ -28,6 +28,12 @@ def shrinkage(count: int, dim: int) -> float:
     return dim / (count + dim)
 
 
+def centred(emb: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Teacher embeddings [n, d] minus a mean [d], in float32 on their device: the one centring that distillation
+    targets and the concept bank (with the mean frozen at its fit) both use."""
+    return emb.float() - mean.to(emb.device, torch.float32)
+
+
 class TeacherStats:
     """Running mean, and with `whiten` the covariance, of teacher embeddings; identical on every rank.
 
@@ -74,10 +80,9 @@ class TeacherStats:
 
     def transform(self, emb: torch.Tensor) -> torch.Tensor:
         """Teacher embeddings [n, d] in the target space (float32, not normalised)."""
-        x = emb.float()
         if self.target == "raw":
-            return x
-        x = x - self.mean.to(x.device)
+            return emb.float()
+        x = centred(emb, self.mean)
         if self.target == "whitened" and self.whitener is not None:
             x = x @ self.whitener.to(x.device)
         return x
