@@ -9,17 +9,23 @@ from pathlib import Path
 import pytest
 import torch.distributed
 
+from kclip import dist
 from kclip.cli import main
 from kclip.config import Config, ConfigError, load_config
 from kclip.config.validate import validate
 
 
 @pytest.fixture(autouse=True)
-def no_process_group():
-    """These tests assert that a bad config fails before any process group starts, so none may be left over from a
-    test file that trained in this process before them (test order is then irrelevant)."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def no_process_group_starts(monkeypatch):
+    """Every check here runs before any process group starts: starting one fails the test. Asserted at the start, not
+    by torch.distributed.is_initialized() afterwards, which depends on test order (a test file that trained in this
+    process leaves its group behind, not these tests' to destroy); and a group started under a launcher environment
+    of ranks that do not exist would block until its timeout instead of failing."""
+    def start(*args, **kwargs):
+        raise AssertionError("a process group was started")
+
+    monkeypatch.setattr(dist, "init", start)
+    monkeypatch.setattr(torch.distributed, "init_process_group", start)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +42,14 @@ def mds(tmp_path_factory) -> Path:
 
 def smoke(mds: Path, *overrides: str) -> Config:
     return load_config("smoke", [f"data.train={mds}", *overrides])
+
+
+def launched_as_rank_0(monkeypatch, world_size: int, local_world_size: int) -> None:
+    """The environment torchrun gives rank 0, for this test only."""
+    for key, value in {"RANK": "0", "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0",
+                       "LOCAL_WORLD_SIZE": str(local_world_size), "LOCAL_SIZE": str(local_world_size),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
 
 
 def unchecked_numeric_keys(obj, prefix: str = "") -> list[str]:
@@ -103,7 +117,6 @@ def test_out_of_range_value_fails_in_one_line_naming_the_key(mds, override, key)
         validate(smoke(mds, override), world_size=2, cuda=False)
     message = str(error.value)
     assert message.startswith(f"{key}: must be ") and "\n" not in message, message
-    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("override", [
@@ -173,9 +186,32 @@ def test_node_sharding_needs_equal_whole_nodes_in_one_line_before_any_process_gr
     with pytest.raises(ConfigError, match="^teacher.shard_within: node cannot be combined with teacher.offload=nvme"):
         validate(smoke(mds, *node, "teacher.offload=nvme", "teacher.nvme_path=/nvme"), world_size=1, cuda=False)
     # `kclip train` takes the ranks per node from the launcher (torchrun's LOCAL_WORLD_SIZE here).
-    for key, value in {"RANK": "0", "WORLD_SIZE": "6", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4", "LOCAL_SIZE": "4",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
-        monkeypatch.setenv(key, value)
+    launched_as_rank_0(monkeypatch, world_size=6, local_world_size=4)
     assert main(["train", "--config", "smoke", "--output", str(tmp_path / "run"), f"data.train={mds}", *node]) == 2
     assert capsys.readouterr().err == f"kclip: error: {expected}\n"
-    assert not torch.distributed.is_initialized()
+
+
+# A timm convnet with BatchNorm (BatchNorm2d, 7.5k parameters at 8 channels).
+BATCHNORM_TOWER = ("student.image_model=resnet10t",
+                   "student.image_model_kwargs={channels: [8, 8, 8, 8], stem_width: 8}")
+
+
+def test_gradient_cached_micro_batches_refuse_a_batchnorm_tower_in_one_line_before_any_process_group(
+        mds, tmp_path, capsys, monkeypatch):
+    """GradCache takes one loss over the step's micro-batches: exact for towers that treat samples one by one, not
+    for BatchNorm (statistics per micro-batch, running statistics updated twice per micro-batch)."""
+    validate(smoke(mds, *BATCHNORM_TOWER), world_size=2, cuda=False)  # one micro-batch per step
+    validate(smoke(mds, "train.micro_batch_size=4"), world_size=2, cuda=False)  # the smoke ViT: LayerNorm only
+    expected = ("train.micro_batch_size: 4 splits the per-rank batch of 8 into gradient-cached micro-batches, which "
+                "are exact only without batch statistics, but student.image_model resnet10t has BatchNorm2d "
+                "(conv1.1); leave train.micro_batch_size unset (one micro-batch per step) or use a tower without batch "
+                "statistics")
+    with pytest.raises(ConfigError) as error:
+        validate(smoke(mds, *BATCHNORM_TOWER, "train.micro_batch_size=4"), world_size=2, cuda=False)
+    assert str(error.value) == expected
+    with pytest.raises(ConfigError, match=r"^student.image_model: timm cannot build 'no_such_net' .*Unknown model"):
+        validate(smoke(mds, "student.image_model=no_such_net", "train.micro_batch_size=4"), world_size=2, cuda=False)
+    launched_as_rank_0(monkeypatch, world_size=2, local_world_size=2)
+    assert main(["train", "--config", "smoke", "--output", str(tmp_path / "run"), f"data.train={mds}",
+                 *BATCHNORM_TOWER, "train.micro_batch_size=4"]) == 2
+    assert capsys.readouterr().err == f"kclip: error: {expected}\n"

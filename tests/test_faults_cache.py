@@ -44,7 +44,7 @@ def test_cache_files_get_their_disk_blocks_when_opened(tmp_path, data):
                             dim=teacher.hidden_size, unit_norm=True)
 
     cache = open_cache()
-    assert _allocated(cache.folder / "emb.f32") and _allocated(cache.folder / "filled.u8")
+    assert all(_allocated(cache.folder / name) for name in ("emb.f32", "filled.u8", "crc32.u32"))
     first = embed_cached(teacher, cache, _batch(teacher, [5], ["a red circle"]))
     cache.close()
     # A cache written sparse (as kclip wrote them before): its one row kept, its holes allocated at the next open.
@@ -82,26 +82,34 @@ def test_a_disk_too_small_for_the_cache_fails_at_open_in_one_line(tmp_path, data
     assert not np.asarray(_cache(tmp_path, teacher, data).filled).any()
 
 
-# Run as `python -c`, so that exit code and stderr are what a user sees.
-_CLI_WITHOUT_SPACE = """
+# Run as `python -c FAULT COMMAND ...`, so that exit code and stderr are what a user sees. FAULT (an errno name) is
+# how the disk fails: ENOSPC, the disk fills (the teacher cache's allocation fails, the second checkpoint's files go
+# to /dev/full); any other, the second checkpoint's writes raise it.
+_CLI_WITH_FAILING_DISK = """
 import errno, os, sys, torch
-def no_space(*args):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+fault = getattr(errno, sys.argv.pop(1))
+def failing(*args):
+    raise OSError(fault, os.strerror(fault))
 real_save = torch.save
-def save(obj, f, *args, **kwargs):  # the disk fills during the second checkpoint
-    return real_save(obj, "/dev/full" if "step_00000002" in str(f) else f, *args, **kwargs)
+def save(obj, f, *args, **kwargs):
+    if "step_00000002" in str(f):
+        if fault != errno.ENOSPC:
+            failing()
+        f = "/dev/full"
+    return real_save(obj, f, *args, **kwargs)
 if sys.argv[1] == "teacher-cache":
-    os.posix_fallocate = no_space
+    os.posix_fallocate = failing
 torch.save = save
 from kclip.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def _cli_without_space(command: str, run: Path, data: str, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _CLI_WITHOUT_SPACE, command, "--config", "smoke", "--output", str(run),
-                           f"data.train={data}", "dist.timeout_s=60", *overrides], env=_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=300, check=False)
+def _cli_with_failing_disk(fault: str, command: str, run: Path, data: str,
+                           *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _CLI_WITH_FAILING_DISK, fault, command, "--config", "smoke",
+                           "--output", str(run), f"data.train={data}", "dist.timeout_s=60", *overrides], env=_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
 
 
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -112,22 +120,25 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 def test_kclip_teacher_cache_on_a_full_disk_says_so_in_one_line(tmp_path, data):
     run = tmp_path / "run"
-    line = _one_error_line(_cli_without_space("teacher-cache", run, data))
+    line = _one_error_line(_cli_with_failing_disk("ENOSPC", "teacher-cache", run, data))
     assert line.startswith(f"kclip: error: No space left on device: {run / 'teacher_cache'}") and "GB)" in line
 
 
-def test_kclip_train_whose_disk_fills_during_a_save_stops_in_one_line(tmp_path, data):
+@pytest.mark.parametrize("fault", ["ENOSPC", "EIO"], ids=["disk_full", "io_error"])
+def test_kclip_train_whose_disk_fills_during_a_save_stops_in_one_line(tmp_path, data, fault):
+    """A full disk, or any other write error (EIO: a failing disk, a network file system gone away)."""
     run = tmp_path / "run"
-    line = _one_error_line(_cli_without_space("train", run, data, "train.steps=3", "checkpoint.every=1"))
-    assert line == f"kclip: error: No space left on device: {run / 'checkpoints' / 'step_00000002'}"
+    line = _one_error_line(_cli_with_failing_disk(fault, "train", run, data, "train.steps=3", "checkpoint.every=1"))
+    why = os.strerror(getattr(errno, fault))
+    assert line == f"kclip: error: {why}: {run / 'checkpoints' / 'step_00000002'}"
     assert (run / "checkpoints" / "latest").read_text() == "step_00000001"
     assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_00000001"]
 
 
 def _save_while_disks_fill(ckpt_dir: str) -> list:
     """A tiny ZeRO-1 engine saves step 1, then steps whose writes fail on some ranks (DeepSpeed's files, kclip's
-    rank file, rank 0's COMPLETE; a full disk, then a quota), then step 9: what each save raised, and what each left
-    on disk."""
+    rank file, rank 0's COMPLETE; a full disk, then a quota, then an I/O error), then step 10: what each save raised,
+    and what each left on disk."""
     import deepspeed
 
     from kclip import dist
@@ -139,19 +150,21 @@ def _save_while_disks_fill(ckpt_dir: str) -> list:
     ckpt_dir, last = Path(ckpt_dir), dist.world_size() - 1
     real_save, real_write = torch.save, checkpoint._atomic_write
 
-    def disk_fills(ranks, files, quota=()):
+    def disk_fills(ranks, files, raises=None):  # raises: {rank: the errno its writes fail with}
         def save(obj, f, *args, **kwargs):
-            if dist.rank() in quota and files(str(f)):
-                raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+            if dist.rank() in (raises or {}) and files(str(f)):
+                raise OSError(raises[dist.rank()], os.strerror(raises[dist.rank()]))
             return real_save(obj, "/dev/full" if dist.rank() in ranks and files(str(f)) else f, *args, **kwargs)
         return save
 
     deepspeed_files, rank_file = (lambda f: not f.endswith(".pt.tmp")), (lambda f: f.endswith(".pt.tmp"))
     faults = {2: disk_fills({0, last}, deepspeed_files), 3: disk_fills({0}, deepspeed_files),
               4: disk_fills({last}, deepspeed_files), 5: disk_fills({last}, rank_file), 6: None,
-              7: disk_fills(set(), rank_file, quota={last}), 8: disk_fills({0}, rank_file, quota={last})}
+              7: disk_fills(set(), rank_file, {last: errno.EDQUOT}),
+              8: disk_fills({0}, rank_file, {last: errno.EDQUOT}),
+              9: disk_fills(set(), deepspeed_files, {last: errno.EIO})}
     seen = []
-    for step in (1, 2, 3, 4, 5, 6, 7, 8, 9):
+    for step in range(1, 11):
         torch.save = faults.get(step) or real_save
         checkpoint._atomic_write = _no_space if step == 6 else real_write
         try:
@@ -169,19 +182,20 @@ def _save_while_disks_fill(ckpt_dir: str) -> list:
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_a_checkpoint_save_on_a_full_disk_or_quota_fails_on_every_rank_and_leaves_latest(tmp_path, world_size):
+    """Also any other write error (EIO), which no rank but the last sees."""
     from multiproc import run_ranks
 
     ckpt_dir = tmp_path / "checkpoints"
     for seen in run_ranks(_save_while_disks_fill, str(ckpt_dir), world_size=world_size):
         for step, error, names, latest in seen:
-            if step in (1, 9):
+            if step in (1, 10):
                 assert error is None and latest == f"step_{step:08d}"
             else:  # every rank hears of it, also those whose own writes succeeded; nothing is left behind
                 # Step 8, a full disk on rank 0 and a quota on the last rank: the quota, the likelier to need action
-                why = "No space left on device" if step < 7 else "Disk quota exceeded"
+                why = os.strerror(errno.ENOSPC if step < 7 else errno.EDQUOT if step < 9 else errno.EIO)
                 assert error == f"{why}: {ckpt_dir / f'step_{step:08d}'}"
                 assert latest == "step_00000001" and names == ["step_00000001"]
-        assert seen[-1][2] == ["step_00000001", "step_00000009"]
+        assert seen[-1][2] == ["step_00000001", "step_00000010"]
 
 
 def _damage(cache, rng) -> None:
@@ -221,9 +235,8 @@ def test_without_normalisation_non_finite_zero_and_random_rows_are_still_found(t
     assert cache.intact(clean.numpy()).all()  # the teacher's own rows, whatever their norm, are never rejected
     _damage(cache, np.random.default_rng(0))
     emb, hit = cache.lookup(batch["index"])
-    # Random bytes overflow the float32 squared norm; a torn row with a plausible norm is only found by a normalising
-    # teacher's norm check.
-    assert hit.tolist() == [True, False, False, False, True, True] and cache.corrupt_rows == 3
+    # The torn row (4) keeps a plausible norm, which no norm check could tell from an embedding: its checksum does.
+    assert hit.tolist() == [True, False, False, False, False, True] and cache.corrupt_rows == 4
     assert not emb[~hit].any()
 
 

@@ -85,6 +85,42 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_offered(shapes, t
     assert "--resume " + str(run / "checkpoints" / "step_00000004") in error
 
 
+def _set_tokenizer_fingerprint(tag_dir: Path, fingerprint: str | None) -> None:
+    """Rewrite the fingerprint of the student's tokenization in the checkpoint's client state (None: remove it)."""
+    import torch
+
+    path = tag_dir / "mp_rank_00_model_states.pt"
+    state = torch.load(path, weights_only=False)
+    state.pop("tokenizer_fingerprint")
+    if fingerprint is not None:
+        state["tokenizer_fingerprint"] = fingerprint
+    torch.save(state, path)
+
+
+def test_resuming_on_captions_tokenized_otherwise_fails_in_one_line(shapes, two_checkpoints, tmp_path):
+    """A checkpoint trained before the student's tokenization changed (another tokenizer file, or kclip's handling of
+    it, as when student captions began to end with the end-of-text token) is not resumed on ids its text tower never
+    learnt; one from before fingerprints were saved resumes with a warning."""
+    import torch
+
+    from kclip.config import load_config
+    from kclip.tokenizers import student_tokenizer
+    from kclip.train.state import tokenizer_fingerprint
+
+    run = _copy(two_checkpoints, tmp_path)
+    tag_dir = run / "checkpoints" / "step_00000008"
+    saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["tokenizer_fingerprint"]
+    assert saved == tokenizer_fingerprint(student_tokenizer(load_config("smoke")), max_len=48)
+    _set_tokenizer_fingerprint(tag_dir, "0" * 16)  # as if its captions had been tokenized otherwise
+    assert _resume_error(run, shapes) == (
+        f"kclip: error: checkpoint {tag_dir} tokenizes captions differently from this run's student tokenizer (byte, "
+        f"student.text_max_len 48); resume with the tokenizer it was trained with or start a new run (or pass "
+        f"--allow-config-change to accept)")
+    _set_tokenizer_fingerprint(tag_dir, None)
+    proc = run_ok(train_cmd(run, shapes, "train.steps=8", "checkpoint.every=4", resume="latest"))
+    assert f"checkpoint {tag_dir} holds no tokenizer fingerprint" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_a_save_killed_midway_is_never_resumed(shapes, two_checkpoints, tmp_path):
     run = _copy(two_checkpoints, tmp_path)
     (run / "checkpoints" / "step_00000008" / "COMPLETE").unlink()  # what a kill before the marker leaves behind

@@ -1,4 +1,6 @@
 """The teacher embedding cache serves exactly what the teacher computed, and never rows of another teacher/dataset."""
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,28 @@ def test_other_teacher_or_damaged_files_are_never_reused(tmp_path, data):
         f.truncate(10)  # a crash mid-write or a full disk
     rebuilt = _cache(tmp_path, teacher, data)
     assert not np.asarray(rebuilt.filled).any()
+
+
+def test_a_cache_without_row_checksums_is_rebuilt_with_one_warning(tmp_path, data, caplog):
+    teacher = build_teacher(TeacherConfig(random_config=TINY), shard=False)
+    cache = _cache(tmp_path, teacher, data)
+    embed_cached(teacher, cache, _batch(teacher, [0], ["a red circle"]))
+    cache.close()
+    # As an older kclip leaves it: no "format" in meta.json, no crc32.u32.
+    meta = json.loads((cache.folder / "meta.json").read_text())
+    del meta["format"]
+    (cache.folder / "meta.json").write_text(json.dumps(meta))
+    (cache.folder / "crc32.u32").unlink()
+    with caplog.at_level(logging.WARNING, logger="kclip.teacher.cache"):
+        rebuilt = _cache(tmp_path, teacher, data)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "kclip.teacher.cache"]
+    assert warning.startswith(f"teacher cache: {cache.folder} is in format 1, this kclip reads format 2: rebuilding")
+    assert rebuilt.folder == cache.folder and not np.asarray(rebuilt.filled).any()
+    rebuilt.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kclip.teacher.cache"):
+        assert _cache(tmp_path, teacher, data).folder == cache.folder  # rebuilt once: no warning again
+    assert not caplog.records
 
 
 CAPTIONS = ["a red circle", "a blue square on a long grey road", "a green triangle", "two small yellow stars",

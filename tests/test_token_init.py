@@ -81,8 +81,8 @@ def test_pca_reduce_errors():
 
 @pytest.mark.parametrize("overrides, key", [
     (["student.token_init=pca"], "student.token_init"),
-    (["teacher.random_config=null", "teacher.path=TEACHER", "student.tokenizer=teacher", "student.token_init=teacher",
-      "loss.distill_weight=0", "loss.concept_weight=0"], "student.token_init"),
+    (["teacher.random_config=null", "teacher.path=TEACHER_MISSING", "student.tokenizer=teacher",
+      "student.token_init=teacher", "loss.distill_weight=0", "loss.concept_weight=0"], "teacher.path"),
     (["teacher.random_config=null", "teacher.path=TEACHER", "student.tokenizer=teacher", "student.token_init=teacher",
       "student.hf_clip=/some/clip"], "student.token_init"),
     (["student.token_init=teacher"], "student.token_init"),  # the byte tokenizer
@@ -91,7 +91,8 @@ def test_pca_reduce_errors():
 def test_invalid_token_init_configs(overrides, key, tmp_path):
     gguf = tmp_path / "t.gguf"
     gguf.write_bytes(b"GGUF" + bytes(60))  # validation reads only the magic
-    cfg = load_config("smoke", [o.replace("TEACHER", str(gguf)) for o in overrides])
+    cfg = load_config("smoke", [o.replace("TEACHER_MISSING", str(tmp_path / "none.gguf")).replace("TEACHER", str(gguf))
+                                for o in overrides])
     with pytest.raises(ConfigError) as e:
         validate(cfg, world_size=1, cuda=False)
     assert str(e.value).startswith(key + ":") and "\n" not in str(e.value)
@@ -202,11 +203,14 @@ def test_frozen_token_embeddings_get_no_optimizer_state(real_teacher):
 
 @pytest.mark.slow
 @pytest.mark.teacher_file
-def test_training_keeps_frozen_teacher_embeddings(real_teacher, shapes, tmp_path):  # noqa: F811 - imported fixture
+@pytest.mark.parametrize("losses", [[], ["loss.distill_weight=0", "loss.concept_weight=0"]],
+                         ids=["with_teacher_losses", "token_init_alone"])
+def test_training_keeps_frozen_teacher_embeddings(real_teacher, shapes, tmp_path, losses):  # noqa: F811 - fixture
+    """Also for the ablation without a teacher loss, which reads the teacher for its embeddings alone."""
     run = tmp_path / "run"
     run_ok(train_cmd(run, shapes, "train.steps=2", "checkpoint.every=1", "teacher.random_config=null",
                      f"teacher.path={real_teacher_path()}", "teacher.layer=1", "student.tokenizer=teacher",
-                     "student.token_init=teacher", "student.freeze_token_embeddings=true"))
+                     "student.token_init=teacher", "student.freeze_token_embeddings=true", *losses))
     first, second = (torch.load(tag / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
                      for tag in checkpoint.complete_checkpoints(run / "checkpoints"))
     # smoke: text_width 32. Not bitwise: the run's single BLAS thread sums in another order than this process.

@@ -5,9 +5,10 @@ the section (kclip/config/schema.py) and run first; what is here combines sectio
 from __future__ import annotations
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from kclip.config.preflight import check_hf_clip, check_mds, check_teacher
-from kclip.config.schema import Config, ConfigError, TeacherConfig
+from kclip.config.schema import Config, ConfigError, StudentConfig, TeacherConfig
 
 
 def check_shard_within(teacher: TeacherConfig, world_size: int, local_world_size: int) -> None:
@@ -16,6 +17,39 @@ def check_shard_within(teacher: TeacherConfig, world_size: int, local_world_size
     if teacher.shard_within == "node" and world_size % local_world_size:
         raise ConfigError(f"teacher.shard_within: node needs equal nodes, but the world size {world_size} is not a "
                           f"multiple of the {local_world_size} ranks per node (LOCAL_WORLD_SIZE); use world")
+
+
+def batch_statistics_module(image_tower: torch.nn.Module) -> tuple[str, str] | None:
+    """(name, class) of the first module that normalises by statistics of its batch, or None. BatchNorm in all its
+    forms (timm's BatchNormAct2d, SyncBatchNorm) subclasses _BatchNorm; the running variance they keep marks the others
+    (timm's EvoNorm2dB0)."""
+    for name, module in image_tower.named_modules():
+        if isinstance(module, _BatchNorm) or "running_var" in dict(module.named_buffers(recurse=False)):
+            return name, type(module).__name__
+    return None
+
+
+def check_no_batch_statistics(st: StudentConfig, micro: int, per_rank: int) -> None:
+    """GradCache is exact only for towers that treat each sample on its own: a BatchNorm tower would normalise each
+    micro-batch by its own statistics, and update its running statistics twice per micro-batch (no-grad pass and
+    re-run). The tower is built on the meta device: its module tree without memory or initialisation."""
+    import timm
+
+    from kclip.models.student import image_tower_kwargs
+
+    try:
+        with torch.device("meta"):
+            tower = timm.create_model(st.image_model, num_classes=0, **image_tower_kwargs(st))
+    except Exception as e:  # noqa: BLE001 - timm raises RuntimeError for an unknown name, TypeError for a bad kwarg
+        raise ConfigError(f"student.image_model: timm cannot build {st.image_model!r} with "
+                          f"student.image_model_kwargs {st.image_model_kwargs} ({type(e).__name__}: {e})") from None
+    found = batch_statistics_module(tower)
+    if found:
+        raise ConfigError(f"train.micro_batch_size: {micro} splits the per-rank batch of {per_rank} into "
+                          f"gradient-cached micro-batches, which are exact only without batch statistics, but "
+                          f"student.image_model {st.image_model} has {found[1]} ({found[0]}); leave "
+                          f"train.micro_batch_size unset (one micro-batch per step) or use a tower without batch "
+                          f"statistics")
 
 
 def validate(cfg: Config, world_size: int, *, local_world_size: int | None = None, cuda: bool | None = None) -> None:
@@ -30,6 +64,8 @@ def validate(cfg: Config, world_size: int, *, local_world_size: int | None = Non
     micro = t.micro_batch_size or per_rank
     if per_rank % micro:
         raise ConfigError(f"train.micro_batch_size: {micro} does not divide the per-rank batch {per_rank}")
+    if micro < per_rank and not st.hf_clip:  # a CLIP student's towers normalise per sample (LayerNorm)
+        check_no_batch_statistics(st, micro, per_rank)
     if t.precision == "bf16" and not (cuda and torch.cuda.is_bf16_supported()):
         raise ConfigError("train.precision: bf16 needs a CUDA device with bf16 support; use auto or fp32 here")
     if cfg.teacher.dtype == "bf16" and not cuda:
@@ -48,9 +84,8 @@ def validate(cfg: Config, world_size: int, *, local_world_size: int | None = Non
         if st.tokenizer != "teacher":
             raise ConfigError("student.token_init: 'teacher' needs student.tokenizer=teacher (the embedding rows are "
                               "the teacher's tokens)")
-        if not cfg.needs_teacher:
-            raise ConfigError("student.token_init: 'teacher' needs the teacher loaded (loss.distill_weight or "
-                              "loss.concept_weight > 0)")
+        if not cfg.needs_teacher:  # the token-init ablation: the teacher is read for its embeddings alone
+            check_teacher(cfg.teacher)
     if st.freeze_token_embeddings and st.token_init != "teacher":
         raise ConfigError("student.freeze_token_embeddings: only with student.token_init=teacher (frozen random "
                           "embeddings would never learn anything)")

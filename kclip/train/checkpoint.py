@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from kclip import dist
-from kclip.config.preflight import NO_SPACE_ERRNOS
 
 COMPLETE = "COMPLETE"
 
@@ -67,23 +66,23 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep_last: int) -> Path:
     """Collective. Every rank writes its part; rank 0 marks the checkpoint complete, moves `latest`, prunes old ones.
-    A disk that fills, or a quota that runs out, on any rank fails the save on every rank with one line
+    A write that fails on any rank (a full disk, a quota, an I/O error) fails the save on every rank with one line
     (CheckpointError), leaving no step folder behind and `latest` where it was."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
-    if dist.is_main() and tag_dir.exists():
-        shutil.rmtree(tag_dir)  # a partial save of this step from a killed run
-    dist.barrier()
-    no_space = _write_rank_part(engine, ckpt_dir, tag, client_state, rank_state)
-    # All-reduces where barriers would do: each also tells every rank whether any rank ran out of space, so that all
+    # A partial save of this step from a killed run.
+    failed = _write_error(lambda: shutil.rmtree(tag_dir)) if dist.is_main() and tag_dir.exists() else 0
+    # All-reduces where barriers would do: each also tells every rank whether any rank's write failed, so that all
     # fail together and none is left waiting for one that gave up.
-    if not _on_any_rank(no_space) and dist.is_main():
-        no_space = _mark_complete(ckpt_dir, tag_dir, keep_last)
-    no_space = _on_any_rank(no_space)
-    if no_space:
+    if not _on_any_rank(failed):
+        failed = _write_rank_part(engine, ckpt_dir, tag, client_state, rank_state)
+    if not _on_any_rank(failed) and dist.is_main():
+        failed = _mark_complete(ckpt_dir, tag_dir, keep_last)
+    failed = _on_any_rank(failed)
+    if failed:
         if dist.is_main():
             shutil.rmtree(tag_dir, ignore_errors=True)
-        raise CheckpointError(f"{os.strerror(no_space)}: {tag_dir}")
+        raise CheckpointError(f"{os.strerror(failed)}: {tag_dir}")
     return tag_dir
 
 
@@ -91,15 +90,13 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict
 _SHORT_WRITE = ("unexpected pos", "file write failed", "iostream error")
 
 
-def _ran_out_of_space(write) -> int:
-    """Run `write()`; the errno (one of NO_SPACE_ERRNOS) if it failed for want of space, else 0. Other errors
-    propagate."""
+def _write_error(write) -> int:
+    """Run `write()`; the errno it failed with (ENOSPC for the zip writer's short write, EIO for an OSError without
+    one), else 0. Errors other than the filesystem's propagate."""
     try:
         write()
     except OSError as e:
-        if e.errno not in NO_SPACE_ERRNOS:
-            raise
-        return e.errno
+        return e.errno or errno.EIO
     except RuntimeError as e:
         if not any(m in str(e) for m in _SHORT_WRITE):
             raise
@@ -107,39 +104,39 @@ def _ran_out_of_space(write) -> int:
     return 0
 
 
-def _on_any_rank(no_space: int) -> int:
-    """Collective: an errno of NO_SPACE_ERRNOS if any rank had one (a quota's, if any rank's), else 0."""
-    return dist.all_reduce_max(no_space)
+def _on_any_rank(failed: int) -> int:
+    """Collective: the largest errno any rank's write failed with (a quota's over a full disk's), else 0."""
+    return dist.all_reduce_max(failed)
 
 
 def _write_rank_part(engine, ckpt_dir: Path, tag: str, client_state: dict, rank_state: dict) -> int:
-    """This rank's DeepSpeed files and `rank_<r>.pt`; the errno if there was no room (see _ran_out_of_space).
-    Collective (DeepSpeed's save)."""
-    no_space = _ran_out_of_space(lambda: engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state,
-                                                               save_latest=False))
-    if no_space:
+    """This rank's DeepSpeed files and `rank_<r>.pt`; the errno of a failed write (see _write_error). Collective
+    (DeepSpeed's save)."""
+    failed = _write_error(lambda: engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state,
+                                                         save_latest=False))
+    if failed:
         # With ZeRO-1/2 every file DeepSpeed writes comes after its collectives but one, the barrier ending its save:
         # take it here, so the ranks whose writes succeeded are released and every rank reaches the agreement.
         dist.barrier()
-        return no_space
+        return failed
     path = ckpt_dir / tag / f"rank_{dist.rank():05d}.pt"
     tmp = path.with_name(path.name + ".tmp")
-    no_space = _ran_out_of_space(lambda: torch.save(rank_state, tmp))
-    if not no_space:
+    failed = _write_error(lambda: torch.save(rank_state, tmp))
+    if not failed:
         os.replace(tmp, path)
-    return no_space
+    return failed
 
 
 def _mark_complete(ckpt_dir: Path, tag_dir: Path, keep_last: int) -> int:
-    """Rank 0, once every rank has written: COMPLETE, then `latest`, then pruning; the errno if there was no room."""
+    """Rank 0, once every rank has written: COMPLETE, then `latest`, then pruning; the errno of a failed write."""
     def write():
         _atomic_write(tag_dir / COMPLETE, f"world_size={dist.world_size()}\n")
         _atomic_write(ckpt_dir / "latest", tag_dir.name)
 
-    no_space = _ran_out_of_space(write)
-    if not no_space:
+    failed = _write_error(write)
+    if not failed:
         prune(ckpt_dir, keep_last)
-    return no_space
+    return failed
 
 
 def resolve(run_dir: Path, resume: str) -> Path:

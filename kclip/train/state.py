@@ -2,6 +2,8 @@
 from a checkpoint, and the `Checkpointer` that decides when to save it."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -9,13 +11,13 @@ from pathlib import Path
 
 from kclip import dist
 from kclip.config import Config, diff_configs, from_dict, save_config, to_dict
-from kclip.data.loader import build_loader
+from kclip.data.loader import build_loader, tokenize
 from kclip.models.knowledge_clip import KnowledgeCLIP
 from kclip.models.student import save_student_copy
 from kclip.models.token_init import init_token_embeddings
 from kclip.teacher.cache import open_cache
 from kclip.teacher.model import build_teacher
-from kclip.tokenizers import student_tokenizer
+from kclip.tokenizers import student_tokenizer, student_tokenizer_spec
 from kclip.train import checkpoint
 from kclip.train.engine import build_engine, partitions_optimizer, seed_everything
 from kclip.train.task import KnowledgeCLIPTask
@@ -25,6 +27,32 @@ log = logging.getLogger("kclip.train")
 
 class TrainingError(RuntimeError):
     pass
+
+
+# Captions whose student tokenization stands for the tokenizer's behaviour: words, case, digits, punctuation, accents
+# and an emoji, and one longer than any student.text_max_len, so that truncation and the end-of-text token count too.
+TOKENIZER_PROBES = ("a dog on the grass", "Two RED cubes, 3.5 cm apart: naïve café 🐕", "apple pie " * 1000)
+
+
+def tokenizer_fingerprint(tokenizer, max_len: int) -> str:
+    """A hash of the student's token ids and masks for TOKENIZER_PROBES at `max_len`: it changes with the tokenizer's
+    files and with kclip's handling of them alike (student captions that began to end with the end-of-text token)."""
+    ids, mask, _ = tokenize(tokenizer, list(TOKENIZER_PROBES), max_len)
+    return hashlib.sha256(json.dumps([ids.tolist(), mask.tolist()]).encode()).hexdigest()[:16]
+
+
+# Config keys a resume may change without --allow-config-change: they decide when and how the run saves, logs, evaluates
+# and waits, not what a step computes (teacher.convert_*: how the teacher's GGUF is read, not the teacher).
+RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "log.", "eval.", "dist.", "teacher.convert_gguf",
+                     "teacher.convert_timeout_s")
+
+
+def token_init_teacher(cfg: Config):
+    """With `student.token_init=teacher` but no teacher loss (the ablation that splits the teacher's gain into its
+    token embeddings and its losses): the teacher loaded whole on this rank for its input embeddings alone, dropped
+    once the student has them. Loading leaves the RNG alone, so the student's other weights are those of the same
+    seed's plain run. None without token_init=teacher."""
+    return build_teacher(cfg.teacher, shard=False) if cfg.student.token_init == "teacher" else None
 
 
 @dataclass
@@ -55,7 +83,7 @@ def setup(cfg: Config, run_dir: Path, *, load_universal: bool) -> Run:
         began = dist.log_startup("teacher built", began)
     tokenizer = student_tokenizer(cfg)
     model = KnowledgeCLIP(cfg, tokenizer, teacher.hidden_size if teacher else None)
-    init_token_embeddings(model.student, cfg.student, teacher)
+    init_token_embeddings(model.student, cfg.student, teacher or token_init_teacher(cfg))
     engine = build_engine(model, cfg, load_universal=load_universal)
     if cfg.train.compile:
         engine.compile()
@@ -79,9 +107,10 @@ def restore(run: Run, tag_dir: Path, *, elastic: bool, universal: bool, allow_co
     engine_dir = checkpoint.universal_copy(tag_dir) if universal else tag_dir
     client, rank_state = checkpoint.load(run.engine, tag_dir, engine_dir)
     changed = diff_configs(from_dict(client["config"]), run.cfg)
-    changed = [c for c in changed if not c.startswith(("train.steps", "checkpoint.", "log.", "eval.", "dist."))]
+    changed = [c for c in changed if not c.startswith(RESUMABLE_CHANGES)]
     if changed and not allow_config_change:
         raise TrainingError("resuming with a changed config (pass --allow-config-change to accept): " + "; ".join(changed))
+    check_tokenization(run, tag_dir, client.get("tokenizer_fingerprint"), allow_config_change)
     run.start_step = client["step"]
     run.loader.load_state_dict(client["loader"])
     run.counters.update(client["counters"])
@@ -98,6 +127,25 @@ def restore(run: Run, tag_dir: Path, *, elastic: bool, universal: bool, allow_co
         log.warning("elastic resume: saved on %d ranks, running on %d with the same global batch; the sample order "
                     "continues exactly, per-rank RNG states and embedding buffers start afresh",
                     client["world_size"], dist.world_size())
+
+
+def check_tokenization(run: Run, tag_dir: Path, saved: str | None, allow_change: bool) -> None:
+    """Refuse to resume on captions tokenized otherwise than the checkpoint's were (its text tower learnt those ids),
+    unless `allow_change`. A checkpoint from before fingerprints were saved (`saved` None) gets a warning."""
+    if saved is None:
+        if dist.is_main():
+            log.warning("checkpoint %s holds no tokenizer fingerprint (saved by an older kclip): whether this run "
+                        "tokenizes captions as it was trained cannot be checked", tag_dir)
+        return
+    if saved == tokenizer_fingerprint(run.tokenizer, run.cfg.student.text_max_len):
+        return
+    differs = (f"checkpoint {tag_dir} tokenizes captions differently from this run's student tokenizer "
+               f"({student_tokenizer_spec(run.cfg)}, student.text_max_len {run.cfg.student.text_max_len})")
+    if not allow_change:
+        raise TrainingError(f"{differs}; resume with the tokenizer it was trained with or start a new run (or pass "
+                            f"--allow-config-change to accept)")
+    if dist.is_main():
+        log.warning("%s; accepted (--allow-config-change)", differs)
 
 
 def open_run(cfg: Config, run_dir: Path, resume: str | None, allow_config_change: bool) -> Run:
@@ -128,6 +176,7 @@ class Checkpointer:
     def __init__(self, run: Run):
         self.run = run
         self.every, self.steps = run.cfg.checkpoint.every, run.cfg.train.steps
+        self.tokenizer_fingerprint = tokenizer_fingerprint(run.tokenizer, run.cfg.student.text_max_len)
 
     def save_if_due(self, step: int) -> None:
         """After `step` completed steps; the last step is saved by `save_final`."""
@@ -153,6 +202,7 @@ class Checkpointer:
             "step": step, "loader": run.loader.state_dict(), "counters": run.counters, "world_size": dist.world_size(),
             "concepts": task.bank.state_dict() if task.bank is not None else None, "config": to_dict(run.cfg),
             "teacher_stats": task.stats.state_dict() if task.stats is not None else None,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,  # compared at resume (check_tokenization)
             # Lets DeepSpeed convert this checkpoint to its universal format for a resume on another world size.
             UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
         }
