@@ -79,10 +79,29 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_offered(shapes, t
     assert "step_00000008 could not be loaded" in error and "--resume " + str(run / "checkpoints" / "step_00000004") in error
     states.write_bytes(model_states)
     rank_file = run / "checkpoints" / "step_00000008" / "rank_00000.pt"  # RNG state and embedding buffer
-    rank_file.write_bytes(rank_file.read_bytes()[:100])
+    saved = rank_file.read_bytes()
+    rank_file.write_bytes(saved[:100])
     error = _resume_error(run, shapes)
     assert "step_00000008: rank_00000.pt could not be loaded" in error
     assert "--resume " + str(run / "checkpoints" / "step_00000004") in error
+    # A rank file that would run code when unpickled (a run folder from someone else) is refused, never run.
+    import torch
+
+    from kclip.train.checkpoint import read_rank_state
+
+    rank_file.write_bytes(saved)
+    marker = tmp_path / "ran"
+    torch.save({**read_rank_state(rank_file), "extra": _Payload(marker)}, rank_file)
+    assert "step_00000008: rank_00000.pt could not be loaded (UnpicklingError" in _resume_error(run, shapes)
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
 
 
 def _set_tokenizer_fingerprint(tag_dir: Path, fingerprint: str | None) -> None:

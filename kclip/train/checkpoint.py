@@ -43,6 +43,17 @@ def rng_state() -> dict:
     return state
 
 
+# A rank file holds tensors and numpy's RNG state (an ndarray): numpy's array reconstruction is all that torch's
+# restricted unpickler needs beyond its defaults, so a run folder from someone else cannot run code at resume through it.
+_NUMPY_CORE = getattr(np, "_core", None) or np.core
+RANK_STATE_GLOBALS = (_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)))
+
+
+def read_rank_state(path: Path) -> dict:
+    with torch.serialization.safe_globals(list(RANK_STATE_GLOBALS)):
+        return torch.load(path, weights_only=True)
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
@@ -211,7 +222,7 @@ def load(engine, tag_dir: Path, engine_dir: Path | None = None) -> tuple[dict, d
     rank_file = tag_dir / f"rank_{dist.rank():05d}.pt"
     rank_state, error = None, None
     try:
-        rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
+        rank_state = read_rank_state(rank_file) if rank_file.is_file() else None
     except Exception as e:  # noqa: BLE001 - a truncated or corrupt pickle raises many kinds
         error = f"checkpoint {tag_dir}: {rank_file.name} could not be loaded ({type(e).__name__}: {str(e)[:200]})"
     # Every rank fails together: a rank left alone in its next collective would hang until the timeout.
