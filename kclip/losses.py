@@ -209,6 +209,13 @@ def concept_loss(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tenso
     return -(soft_labels.float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
 
 
+def label_entropy(soft_labels: torch.Tensor) -> torch.Tensor:
+    """mean_i H(q_i) in nats: the floor of `concept_loss`, so `concept_loss - label_entropy` is the mean
+    KL(q || softmax), the part of the concept loss a head can still remove (0 log 0 = 0)."""
+    q = soft_labels.float()
+    return -torch.special.xlogy(q, q).sum(dim=-1).mean()
+
+
 class KnowledgeCLIPLoss:
     """alpha * distillation + beta * sum_heads(concept_head) + gamma * contrastive, from a `LossConfig`.
 
@@ -234,7 +241,9 @@ class KnowledgeCLIPLoss:
         soft_labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return (total, terms): terms holds detached float32 values under `contrastive`, `distill`,
-        `distill/mean_baseline`, `concept/<head>` and `concept` (the mean over heads) for the terms that ran."""
+        `distill/mean_baseline`, `concept/<head>` and `concept` (the mean over heads), `concept/entropy` (the labels'
+        mean entropy H(q)) and `concept/kl/<head>`, `concept/kl` (each head's cross-entropy minus H(q), and their
+        mean) for the terms that ran."""
         cfg = self.cfg
         weighted, terms = [], {}
         if cfg.contrastive_weight > 0:
@@ -262,6 +271,11 @@ class KnowledgeCLIPLoss:
             weighted.append(cfg.concept_weight * stacked.sum())
             terms.update({f"concept/{head}": v for head, v in per_head.items()})
             terms["concept"] = stacked.mean()
+            # The cross-entropy alone cannot say how far a head is from the labels: its floor H(q) moves at each re-fit.
+            entropy = label_entropy(soft_labels)
+            terms.update({f"concept/kl/{head}": v - entropy for head, v in per_head.items()})
+            terms["concept/kl"] = stacked.mean() - entropy
+            terms["concept/entropy"] = entropy
         if not weighted:
             raise ValueError("every loss term is disabled or lacks inputs: nothing to optimise")
         total = torch.stack(weighted).sum()

@@ -133,6 +133,21 @@ def test_concept_loss_hand_computed():
     assert concept_loss(logits, q).item() == pytest.approx((kl + entropy).item(), abs=1e-6)
 
 
+def test_concept_kl_logs_on_a_hand_example():
+    """Labels q = (1/2, 1/2, 0) and (1, 0, 0): H = (log 2 + 0) / 2. Logits 0 (uniform over 3) give CE = log 3 for
+    both rows; the KL logged is CE - H = log 3 - log(2) / 2, per head and as their mean."""
+    q = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    confident = torch.tensor([[9.0, 9.0, -9.0], [9.0, -9.0, -9.0]])  # nearly q itself: KL close to 0
+    _, terms = KnowledgeCLIPLoss(LossConfig(distill_weight=0.0, contrastive_weight=0.0))(
+        concept_logits={"image": torch.zeros(2, 3), "joint": confident}, soft_labels=q)
+    assert terms["concept/entropy"].item() == pytest.approx(math.log(2) / 2, abs=1e-7)
+    assert terms["concept/kl/image"].item() == pytest.approx(math.log(3) - math.log(2) / 2, abs=1e-6)
+    kl_joint = F.kl_div(F.log_softmax(confident, dim=1), q, reduction="batchmean").item()
+    assert terms["concept/kl/joint"].item() == pytest.approx(kl_joint, abs=1e-6)
+    assert kl_joint < 1e-6
+    assert terms["concept/kl"].item() == pytest.approx((terms["concept/kl/image"] + kl_joint).item() / 2, abs=1e-6)
+
+
 def _combiner_inputs():
     g = torch.Generator().manual_seed(3)
     img = F.normalize(torch.randn(4, 8, generator=g), dim=1).requires_grad_()
@@ -152,7 +167,8 @@ def test_combiner_weighted_sum_and_terms():
         **inputs
     )
     assert set(terms) == {"contrastive", "distill", "distill/mean_baseline", "concept/image", "concept/text",
-                          "concept/joint", "concept"}
+                          "concept/joint", "concept", "concept/entropy", "concept/kl/image", "concept/kl/text",
+                          "concept/kl/joint", "concept/kl"}
     assert all(not v.requires_grad for v in terms.values())
     heads = [concept_loss(inputs["concept_logits"][h], inputs["soft_labels"]) for h in ("image", "text", "joint")]
     assert terms["concept"].item() == pytest.approx(sum(h.item() for h in heads) / 3, abs=1e-6)

@@ -209,6 +209,14 @@ class OptimConfig:
     warmup_steps: int = num(100, NON_NEGATIVE)
     min_lr_ratio: float = num(0.0, Range(0, 1))  # the cosine ends at lr * min_lr_ratio
     grad_clip: float = num(1.0, NON_NEGATIVE)  # 0 = no clipping (DeepSpeed's convention)
+    # The concept heads' own optimizer groups (kclip/train/engine.py): at beta = 0.01 their gradients are ~1e-4 of
+    # the towers', so the towers' lr, eps and clipping can leave them all but frozen (BENCHMARKS.md, concept learning).
+    head_lr_scale: float = num(1.0, NON_NEGATIVE)  # the heads' lr = the scheduled lr x this
+    head_eps: float | None = num(None, POSITIVE)  # None = eps
+    # None: clipped with the towers by one global norm (DeepSpeed's). A number: the towers are clipped to grad_clip
+    # by their own norm and the heads to this by theirs (0 = not clipped), so a large contrastive gradient no longer
+    # scales the heads' update down.
+    head_grad_clip: float | None = num(None, NON_NEGATIVE)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import torch
 from kclip import dist
 from kclip.config import Config
 from kclip.ds_config import load_template
+from kclip.train.clipping import install_unit_clipping
 
 
 def seed_everything(seed: int) -> None:
@@ -32,7 +33,8 @@ def student_ds_config(cfg: Config) -> dict:
         train_batch_size=cfg.train.global_batch_size,
         train_micro_batch_size_per_gpu=micro,
         gradient_accumulation_steps=per_rank // micro,
-        gradient_clipping=cfg.optim.grad_clip,
+        # Clipping by unit replaces DeepSpeed's global clip (kclip/train/clipping.py).
+        gradient_clipping=0.0 if clips_by_unit(cfg) else cfg.optim.grad_clip,
         bf16={"enabled": use_bf16(cfg)},
     )
     return ds
@@ -44,19 +46,65 @@ def partitions_optimizer(cfg: Config) -> bool:
     return cfg.train.zero_stage > 0 or use_bf16(cfg)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW; as in CLIP, gains, biases and the temperature get no weight decay. Fused on GPU; on CPU the multi-tensor
-    (foreach) form, which torch does not pick there by itself: a demo step's update in 6.7 instead of 9.3 ms."""
-    decay, no_decay = [], []
+def clips_by_unit(cfg: Config) -> bool:
+    """Whether the towers and the concept heads are clipped by norms of their own instead of one global norm."""
+    return cfg.optim.head_grad_clip is not None
+
+
+def is_concept_head(name: str) -> bool:
+    return name.startswith("concept_heads.")
+
+
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """AdamW groups: the towers (everything but the concept heads) and, when any optim.head_* setting is not its
+    default, the concept heads, each split into weights with weight decay and gains, biases and the temperature
+    without (as in CLIP). Each group carries its `lr_scale`
+    (the loop sets lr = schedule x lr_scale), its eps, and its clip unit and bound (kclip/train/clipping.py)."""
+    o = cfg.optim
+    settings = {
+        "towers": {"lr_scale": 1.0, "eps": o.eps, "max_grad_norm": o.grad_clip},
+        "heads": {"lr_scale": o.head_lr_scale, "eps": o.eps if o.head_eps is None else o.head_eps,
+                  "max_grad_norm": o.grad_clip if o.head_grad_clip is None else o.head_grad_clip},
+    }
+    # With the heads' settings at their defaults the heads stay in the towers' groups: the two groups runs have always
+    # had, so that their checkpoints keep resuming (an optimizer state loads only into the same group layout).
+    own_heads = o.head_lr_scale != 1.0 or o.head_eps is not None or o.head_grad_clip is not None
+    members: dict[tuple[str, bool], list] = {(unit, decay): [] for unit in settings for decay in (True, False)}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+            decay = p.ndim >= 2 and "logit_scale" not in name
+            members["heads" if own_heads and is_concept_head(name) else "towers", decay].append(p)
+    return [{"params": params, "weight_decay": o.weight_decay if decay else 0.0, "clip_unit": unit,
+             **settings[unit], "lr": o.lr * settings[unit]["lr_scale"]}
+            for (unit, decay), params in members.items() if params]
+
+
+# Set from the config, not restored from a checkpoint (see `keep_group_settings`).
+GROUP_SETTINGS = ("lr_scale", "eps", "clip_unit", "max_grad_norm")
+
+
+def keep_group_settings(optimizer: torch.optim.Optimizer, settings: list[dict]) -> None:
+    """torch's load_state_dict replaces every group's settings by the saved ones: re-apply the config's, so that a
+    resume follows its own config and a checkpoint saved before a setting existed still loads."""
+
+    def reapply(opt):
+        for group, own in zip(opt.param_groups, settings):
+            group.update(own)
+
+    optimizer.register_load_state_dict_post_hook(reapply)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`, clipping by unit when configured. Fused on GPU; on CPU the multi-tensor (foreach)
+    form, which torch does not pick there by itself: a demo step's update in 6.7 instead of 9.3 ms."""
     o = cfg.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             fused=torch.cuda.is_available(), foreach=not torch.cuda.is_available())
-
-
+    groups = param_groups(model, cfg)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                  fused=torch.cuda.is_available(), foreach=not torch.cuda.is_available())
+    keep_group_settings(optimizer, [{k: g[k] for k in GROUP_SETTINGS} for g in groups])
+    if clips_by_unit(cfg):
+        install_unit_clipping(optimizer, partitioned=partitions_optimizer(cfg) and dist.world_size() > 1)
+    return optimizer
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, *, load_universal: bool = False):

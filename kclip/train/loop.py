@@ -92,7 +92,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, allow_con
             lr = lr_at(step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.steps,
                        min_lr_ratio=cfg.optim.min_lr_ratio)
             for group in engine.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             with task.timer("data_ms"):
                 micro_batches = [next(batches) for _ in range(accum)]
             result = task.step(micro_batches)
