@@ -49,7 +49,7 @@ def run(args) -> dict:
     from kclip.config import load_config
     from kclip.eval.concept_map import sample_captions
     from kclip.teacher.cache import STORAGE
-    from kclip.teacher.model import build_teacher
+    from kclip.teacher.load import build_teacher
 
     torch.set_num_threads(args.threads)
     cfg = dataclasses.replace(load_config("demo").teacher, path=args.teacher)

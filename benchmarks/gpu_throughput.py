@@ -114,7 +114,7 @@ def run(args) -> dict:
     from kclip import dist
     from kclip.concepts.bank import ConceptBank
     from kclip.models.knowledge_clip import KnowledgeCLIP
-    from kclip.teacher.model import build_teacher
+    from kclip.teacher.load import build_teacher
     from kclip.tokenizers import student_tokenizer
     from kclip.train.engine import build_engine
     from kclip.train.task import KnowledgeCLIPTask

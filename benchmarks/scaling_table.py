@@ -11,7 +11,7 @@ Memory per GPU (bf16 = 2 bytes per parameter), G = GPUs sharing one teacher copy
     teacher shard       2 P / G                        (0 with offload: the shard lives in pinned host memory, 8 x
                                                        2 P / G per node: 2 P / nodes over the world, 2 P within nodes)
     teacher gathered    2 x (largest gathered tensor + stage3_prefetch_bucket_size), the bucket = int(0.9 h^2) as
-                        kclip.teacher.model.teacher_ds_config sets it; DeepSpeed's stage3_max_live_parameters (1e9)
+                        kclip.teacher.load.teacher_ds_config sets it; DeepSpeed's stage3_max_live_parameters (1e9)
                         bounds it at 2 GB
     teacher activations chunk x max_len tokens x (6 h + 3 i) x 2 bytes (one layer's hidden, q/k/v/o, MLP; no grad)
     student             ZeRO-2 (as kclip/configs/cc3m-llama2-7b-vitb16.yaml): bf16 params whole on every rank, bf16
@@ -133,7 +133,7 @@ MODES = {
 def row(name: str, t: dict, st: dict, nodes: int, mode: str, global_batch: int, chunk: int, max_len: int,
         a: dict) -> dict:
     from kclip.config import TeacherConfig
-    from kclip.teacher.model import shard_ranks, teacher_ds_config
+    from kclip.teacher.load import shard_ranks, teacher_ds_config
 
     teacher_cfg = TeacherConfig(chunk_size=chunk, **MODES[mode][0])
     offload = teacher_cfg.offload == "cpu"

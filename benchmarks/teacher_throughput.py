@@ -47,7 +47,7 @@ def modes(batch: int, chunk: int) -> dict[str, dict]:
 
 def run(args) -> dict:
     from kclip.config import TeacherConfig
-    from kclip.teacher.model import build_teacher
+    from kclip.teacher.load import build_teacher
 
     torch.set_num_threads(args.threads)
     base = TeacherConfig(path=args.teacher, max_len=77)

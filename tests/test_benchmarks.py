@@ -77,7 +77,7 @@ def test_scaling_arithmetic_shards_and_offload():
     gib = 2**30
     assert one["mem_gib"]["teacher_shard"] == pytest.approx(2 * shape["params"] / 8 / gib)
     assert eight["mem_gib"]["teacher_shard"] == pytest.approx(one["mem_gib"]["teacher_shard"] / 8)
-    assert one["prefetch_bucket"] == int(0.9 * 4096 * 4096)  # from kclip.teacher.model.teacher_ds_config
+    assert one["prefetch_bucket"] == int(0.9 * 4096 * 4096)  # from kclip.teacher.load.teacher_ds_config
     # Packed rows: 512 captions x 15 tokens fit in 256 rows of 77 tokens, so one forward (one all-gather) per step.
     assert one["teacher_forward"]["forwards"] == 1
     off = scaling_table.row("7B", shape, student, 2, "zero3+cpu", 4096, 256, 77, a)

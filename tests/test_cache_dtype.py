@@ -21,7 +21,7 @@ from kclip.teacher.cache import (
     norm_tolerance,
     open_cache,
 )
-from kclip.teacher.model import build_teacher
+from kclip.teacher.load import build_teacher
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

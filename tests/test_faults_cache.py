@@ -20,7 +20,7 @@ from kclip.teacher.cache import (
     embed_cached,
     encode_rows,
 )
-from kclip.teacher.model import build_teacher
+from kclip.teacher.load import build_teacher
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from test_teacher import CAPTIONS, real_teacher_path
 
 from kclip.config import ConfigError, TeacherConfig
 from kclip.teacher import gguf_cache
-from kclip.teacher.model import build_teacher
+from kclip.teacher.load import build_teacher
 from kclip.tokenizers import gguf_config, load_tokenizer
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS, VOCAB = 64, 128, 4, 2, 2, 320

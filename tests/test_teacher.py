@@ -14,13 +14,9 @@ from transformers import LlamaConfig, LlamaModel
 
 from kclip.config import ConfigError, StudentConfig, TeacherConfig
 from kclip.teacher import fetch
-from kclip.teacher.model import (
-    Teacher,
-    build_teacher,
-    pack_right,
-    pack_rows,
-    teacher_ds_config,
-)
+from kclip.teacher.load import build_teacher, teacher_ds_config
+from kclip.teacher.model import Teacher
+from kclip.teacher.packing import pack_right, pack_rows
 from kclip.tokenizers import load_tokenizer
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

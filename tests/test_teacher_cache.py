@@ -11,7 +11,7 @@ from shapes import make_shapes_mds
 from kclip.config import TeacherConfig
 from kclip.config.preflight import mds_num_samples
 from kclip.teacher.cache import TeacherCache, embed_cached
-from kclip.teacher.model import build_teacher
+from kclip.teacher.load import build_teacher
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=384, max_position_embeddings=64)

@@ -17,7 +17,7 @@ from kclip.config.validate import validate
 from kclip.export.format import MODEL_STATES
 from kclip.models.knowledge_clip import KnowledgeCLIP
 from kclip.models.token_init import init_token_embeddings, pca_reduce
-from kclip.teacher.model import build_teacher
+from kclip.teacher.load import build_teacher
 from kclip.train import checkpoint
 from kclip.train.engine import build_optimizer
 

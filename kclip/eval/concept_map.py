@@ -49,7 +49,7 @@ def concept_map(cfg: Config, concepts: dict, data_dir: str, out: Path, *, title:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kclip.teacher.model import build_teacher
+    from kclip.teacher.load import build_teacher
 
     captions = sample_captions(data_dir, limit)
     teacher = build_teacher(cfg.teacher, shard=False)

@@ -20,7 +20,7 @@ def precompute(cfg: Config, run_dir: str | Path) -> dict:
     """Fill the cache `kclip train --output run_dir` with the same config would use (collective); returns counts."""
     from kclip.data.loader import build_caption_loader
     from kclip.teacher.cache import embed_cached, open_cache
-    from kclip.teacher.model import build_teacher
+    from kclip.teacher.load import build_teacher
 
     dist.init(cfg.dist.timeout_s, cfg.dist.rendezvous_timeout_s)
     teacher = build_teacher(cfg.teacher)

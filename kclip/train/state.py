@@ -16,7 +16,7 @@ from kclip.models.knowledge_clip import KnowledgeCLIP
 from kclip.models.student import save_student_copy
 from kclip.models.token_init import init_token_embeddings
 from kclip.teacher.cache import open_cache
-from kclip.teacher.model import build_teacher
+from kclip.teacher.load import build_teacher
 from kclip.tokenizers import student_tokenizer, student_tokenizer_spec
 from kclip.train import checkpoint
 from kclip.train.engine import build_engine, partitions_optimizer, seed_everything
