@@ -35,7 +35,7 @@ setup(
     extras_require={
         # open_clip and clip_benchmark: the tests read `kclip export`'s open_clip form and `kclip export-wds` splits
         # with the stock tools (neither changes the pinned torch).
-        "test": ["pytest>=8", "pytest-timeout", "open_clip_torch==3.3.0", "clip-benchmark==1.6.2"],
+        "test": ["pytest>=8", "pytest-timeout", "import-linter", "open_clip_torch==3.3.0", "clip-benchmark==1.6.2"],
         "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["kclip=kclip.cli:main"]},
