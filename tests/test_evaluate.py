@@ -220,13 +220,14 @@ def test_caption_probe_reads_back_held_out_captions_not_memorised_ones():
     def memorable(ps):
         return per_caption[[pairs.index(p) for p in ps]]
 
-    cfg = ProbeConfig(steps=150, batch_size=12, hidden=48, layers=1, lr=1e-2)
+    cfg = ProbeConfig(steps=150, batch_size=12, hidden=48, layers=1, lr=1e-2, ae_epochs=300, corpus="train")
     reads = caption_em(compositional(train), captions(train), compositional(held_out), captions(held_out), cfg)
     assert reads["train_em"] == 1.0 and reads["em"] >= 0.5 and reads["num_test"] == 4
     memorised = caption_em(memorable(train), captions(train), memorable(held_out), captions(held_out), cfg)
     assert memorised["train_em"] == 1.0 and memorised["em"] == 0.0
     blind = caption_em(torch.zeros(12, 8), captions(train), torch.zeros(4, 8), captions(held_out), cfg)
-    assert blind["train_em"] <= 1 / 12 and blind["em"] == 0.0
+    # one constant code decodes to one string: a caption at most (the frozen decoder composes unseen ones)
+    assert blind["train_em"] <= 1 / 12 and blind["em"] <= 1 / 4
     # Held-out captions that also occur in training are left out, and so are captions over max_bytes
     # ("a blue square" has 13 bytes).
     texts = ["a red circle", "a blue square", "a green star", "a pink moon", "two cats", "one dog"]

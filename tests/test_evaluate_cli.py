@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from evalruns import single_thread, tiny_runs
+from evalruns import COMMON, single_thread, tiny_runs
 from multiproc import run_ranks
 from transformers import LlamaConfig, LlamaModel
 
+from kclip.config import load_config
 from kclip.eval.run import eval_loader, evaluate, main, teacher_config
 from kclip.eval.split import embed_split
 from kclip.export.load import load_model
+from kclip.train.loop import train
 from kclip.tokenizers import load_tokenizer
 from kclip.train.metrics import read_metrics
 
@@ -78,14 +81,18 @@ def test_eval_cli_plain_run_probe_train_and_errors(runs, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith(f"kclip eval: error: {flag}: {folder} ") and why in err[0], err
 
 
+def teacher_folder(folder: Path, random_config: dict) -> Path:
+    """Weights saved like a real checkpoint, shaped like the smoke config's random teacher (byte ids fit its vocab)."""
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(**random_config)).save_pretrained(folder)
+    load_tokenizer("byte").save_pretrained(folder)
+    return folder
+
+
 def test_plain_run_given_a_teacher_reports_knn_overlap_with_its_own_teacher_settings(runs, tmp_path):
     loaded = load_model(runs["plain"])
     assert not loaded.cfg.needs_teacher and loaded.cfg.teacher.random_config is not None
-    # Weights saved like a real checkpoint, shaped like the smoke config's random teacher (byte ids fit its vocab).
-    folder = tmp_path / "teacher"
-    torch.manual_seed(0)
-    LlamaModel(LlamaConfig(**loaded.cfg.teacher.random_config)).save_pretrained(folder)
-    load_tokenizer("byte").save_pretrained(folder)
+    folder = teacher_folder(tmp_path / "teacher", loaded.cfg.teacher.random_config)
     loaded.cfg.teacher.layer, loaded.cfg.teacher.pooling = 1, "last"
     cfg = teacher_config(loaded, str(folder))
     # The unused teacher settings the run was trained with (layer, pooling, max_len) go with the given weights.
@@ -97,6 +104,34 @@ def test_plain_run_given_a_teacher_reports_knn_overlap_with_its_own_teacher_sett
     m = json.loads(out.read_text())
     assert rc == 0 and 0.0 <= m["probe/teacher_knn_overlap"] <= 1.0
     assert m["probe/teacher_knn_chance"] == pytest.approx(3 / 11) and not m["protocol/teacher_knn"].startswith("skip")
+
+
+def test_a_run_evaluated_from_elsewhere_finds_its_relative_teacher_or_says_in_one_line_what_to_pass(
+        runs, tmp_path, monkeypatch, capsys):
+    """Launched in launch/ with `--output runs/kc` and teacher.path=teachers/tiny, evaluated from another directory:
+    the kNN probe reads the teacher found above the run; once it is gone, one line says what to pass instead."""
+    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cfg = load_config("smoke", [*COMMON, "teacher.path=teachers/tiny", "teacher.random_config=null",
+                                f"data.train={runs['data']}", f"data.val={runs['data']}"])
+    teacher_folder(launch / "teachers" / "tiny", load_config("smoke", []).teacher.random_config)
+    monkeypatch.chdir(launch)
+    with single_thread():
+        train(cfg, Path("runs/kc"))
+    monkeypatch.chdir(elsewhere)
+    args = ["--checkpoint", str(launch / "runs" / "kc"), "--data", str(runs["data"]), "--knn-k", "3"]
+    probe_only = ["--skip", "retrieval,zeroshot,linear,caption_em"]
+    assert main([*args, *probe_only, "--out", "m.json"]) == 0
+    assert 0.0 <= json.loads(Path("m.json").read_text())["probe/teacher_knn_overlap"] <= 1.0
+
+    (launch / "teachers").rename(launch / "moved")
+    capsys.readouterr()
+    assert main([*args, *probe_only]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kclip eval:")]
+    assert len(err) == 1 and err[0].startswith("kclip eval: error: teacher.path: the run's teacher teachers/tiny is "
+                                               f"not found (relative: looked for from {elsewhere}, "), err
+    assert err[0].endswith("pass --teacher PATH for the kNN probe, or --skip knn"), err
+    assert main([*args, "--skip", "retrieval,zeroshot,linear,caption_em,knn"]) == 0
 
 
 def _rank_eval(run: str, data: str):

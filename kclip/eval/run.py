@@ -8,7 +8,12 @@ Keys (all floats unless noted; absent when the evaluation was skipped or not app
   zeroshot/<col>/{top1,top5,mean_per_class}     class-name prompts over the label values of <col>
   probe/linear/<col>/{top1,top5,mean_per_class,lambda}   logistic regression on frozen image features
   probe/teacher_knn_overlap, probe/teacher_knn_chance    overlap@k of caption neighbourhoods, and its chance level
-  probe/caption_em, probe/caption_em_train, probe/caption_em_num_test   caption reconstruction exact match
+  probe/caption_em, probe/caption_em_train, probe/caption_em_num_{test,train}   caption reconstruction exact match
+                                                of held-out / training captions from the student's text embedding
+  probe/caption_em_{autoencoder,teacher}        the same probe from the stage-1 autoencoder's own encoder (upper
+                                                bound) and from the teacher's pooled embedding (when there is one)
+  probe/caption_em_traincorpus[_autoencoder|_teacher]   --em-decoder-corpus both: a stage-1 decoder that saw only
+                                                the training captions (kclip.eval.caption_em)
   attributes/{awa2,cub}/[unseen/]{classname,attribute}/{top1,top5,mean_per_class}, attributes/<set>/num_images
                                                 unseen/: images of testclasses.txt among those classes only
   protocol/...                                  (strings) the settings each number was computed with
@@ -22,12 +27,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kclip import console
+from kclip.config import ConfigError
 from kclip.eval.protocol import DEFAULT_K, DEFAULT_TEMPLATES, ProbeConfig
 from kclip.export.format import ModelLoadError
 
@@ -35,6 +42,8 @@ from kclip.export.format import ModelLoadError
 # argument errors answer at once.
 if TYPE_CHECKING:
     from kclip.export.load import LoadedModel
+
+log = logging.getLogger(__name__)
 
 PROBES = ("retrieval", "zeroshot", "linear", "knn", "caption_em")
 # Without --probe-train, this fraction of --data (by image id / caption hash) is the probes' test side.
@@ -91,10 +100,11 @@ def linear_probes(train: dict, test: dict, columns) -> dict:
     return out
 
 
-def caption_probe(loaded: LoadedModel, test_emb: dict, train_emb: dict | None, cfg: ProbeConfig) -> dict:
+def caption_sides(test_emb: dict, train_emb: dict | None):
+    """(train text embeddings, train captions, test text embeddings, test captions) of the caption probe: distinct
+    captions of --probe-train and --data, or a fixed split of --data's distinct captions by text hash."""
     import torch
 
-    from kclip.eval.caption_em import caption_em
     from kclip.eval.knn_overlap import distinct_captions
     from kclip.eval.linear_probe import holdout_mask
     from kclip.eval.split import caption_key
@@ -110,24 +120,88 @@ def caption_probe(loaded: LoadedModel, test_emb: dict, train_emb: dict | None, c
         held = holdout_mask(torch.tensor([caption_key(c) for c in test_caps]), PROBE_TEST_FRACTION)
         train_text, train_caps = test_text[~held], [c for c, h in zip(test_caps, held) if not h]
         test_text, test_caps = test_text[held], [c for c, h in zip(test_caps, held) if h]
-    result = caption_em(train_text, train_caps, test_text, test_caps, cfg, device=loaded.device)
-    return {"probe/caption_em": result["em"], "probe/caption_em_train": result["train_em"],
-            "probe/caption_em_num_test": result["num_test"]}
+    return train_text, train_caps, test_text, test_caps
+
+
+def caption_probe(loaded: LoadedModel, sides, cfg: ProbeConfig, teacher_emb=None, em_decoder: str | None = None) -> dict:
+    """probe/caption_em... keys (see the module docstring); `teacher_emb`: (train, test) teacher embeddings of the
+    sides' captions, for the teacher row; `em_decoder`: a pretrained causal LM replacing stage 1."""
+    import dataclasses
+
+    from kclip.eval.caption_em import caption_em
+
+    train_text, train_caps, test_text, test_caps = sides
+    others = {"teacher": teacher_emb} if teacher_emb is not None else {}
+    lm = None
+    if em_decoder:
+        from kclip.eval.lm_decoder import load_lm
+
+        lm = load_lm(em_decoder, loaded.device)
+    out = {}
+    corpora = ("all", "train") if cfg.corpus == "both" else (cfg.corpus,)
+    for i, corpus in enumerate(corpora if lm is None else corpora[:1]):
+        r = caption_em(train_text, train_caps, test_text, test_caps, dataclasses.replace(cfg, corpus=corpus),
+                       device=loaded.device, others=others, upper_bound=lm is None, lm=lm)
+        key = "probe/caption_em" + ("_traincorpus" if i else "")
+        out.update({key: r["em"], f"{key}_train": r["train_em"]})
+        out.update({f"{key}_{name}": r[f"{name}/em"] for name in ("autoencoder", "teacher") if f"{name}/em" in r})
+        out.update({"probe/caption_em_num_test": r["num_test"], "probe/caption_em_num_train": r["num_train"]})
+    return out
+
+
+def caption_protocol(cfg: ProbeConfig, probe_train: str | None, em_decoder: str | None) -> str:
+    corpus = {"all": "the training and held-out captions (text only)", "train": "the training captions only",
+              "both": "the training and held-out captions (text only); *_traincorpus: the training captions only"}
+    decoder = (f"frozen pretrained LM {em_decoder}, embedding -> Linear+LayerNorm -> {cfg.prefix_tokens} soft "
+               "prefix tokens" if em_decoder else f"stage 1: byte autoencoder trained on {corpus[cfg.corpus]}")
+    return f"{cfg.describe()}; {decoder}; stage 2 train: " + (
+        probe_train if probe_train else f"{1 - PROBE_TEST_FRACTION:.0%} of distinct captions by text hash")
 
 
 def teacher_config(loaded: LoadedModel, path: str | None):
     """The teacher settings for the kNN probe: the run's (if it trained with one), with `path` replacing its model."""
-    if path is None:
-        return loaded.cfg.teacher if loaded.cfg.needs_teacher else None
+    if path is None and not loaded.cfg.needs_teacher:
+        return None
     cfg = copy.deepcopy(loaded.cfg.teacher)
-    cfg.path, cfg.random_config = path, None
+    if path is not None:
+        cfg.path, cfg.random_config = path, None
+    elif cfg.path is not None:
+        cfg.path = run_teacher_path(cfg.path, Path(loaded.source))
     return cfg
+
+
+def caption_teacher_config(loaded: LoadedModel, path: str | None):
+    """The teacher for the caption probe's teacher row when the kNN probe is skipped: as teacher_config, None (the
+    row left out, one log line) when the run's teacher cannot be found here."""
+    try:
+        return teacher_config(loaded, path)
+    except ConfigError as e:
+        log.info("caption EM: no teacher row (%s)", e)
+        return None
+
+
+def run_teacher_path(path: str, source: Path) -> str:
+    """The run's teacher.path as it reads from here. A relative one was read from the directory the run was launched
+    in, which the run does not record; a run folder usually lies below it (`--output runs/NAME`), so it is looked for
+    from here, then from `source` (the checkpoint or export read) and each folder above it, nearest first."""
+    if os.path.exists(path):
+        return path
+    start = source.absolute()
+    if not os.path.isabs(path):
+        for folder in (start, *start.parents):
+            if (folder / path).exists():
+                log.info("teacher.path: %s (the run's) is not here; using %s", path, folder / path)
+                return str(folder / path)
+    where = "" if os.path.isabs(path) else f" (relative: looked for from {os.getcwd()}, {start} and every folder above)"
+    raise ConfigError(f"teacher.path: the run's teacher {path} is not found{where}; pass --teacher PATH for the kNN "
+                      f"probe, or --skip knn")
 
 
 def evaluate(loaded: LoadedModel, *, data: str | None, label_columns=(), templates=DEFAULT_TEMPLATES,
              batch_size: int = 64, workers: int = 0, probe_train: str | None = None, awa2: str | None = None,
              cub: str | None = None, skip=(), knn_k: int = DEFAULT_K, knn_max_captions: int = KNN_MAX_CAPTIONS,
-             caption_cfg: ProbeConfig | None = None, teacher: str | None = None) -> dict | None:
+             caption_cfg: ProbeConfig | None = None, teacher: str | None = None,
+             em_decoder: str | None = None) -> dict | None:
     """All evaluations; collective over ranks. Returns the metrics on rank 0, None elsewhere.
     The kNN probe uses the run's teacher, or `teacher` (a model path) instead, e.g. to compare a plain-CLIP run
     with the teacher a Knowledge-CLIP run distilled from."""
@@ -145,19 +219,30 @@ def evaluate(loaded: LoadedModel, *, data: str | None, label_columns=(), templat
 
     caption_cfg = caption_cfg or ProbeConfig()
     metrics: dict = {"protocol/checkpoint": loaded.source}
-    teacher_cfg = teacher_config(loaded, teacher)
-    emb = train_emb = teacher_emb = None
+    # Before any embedding: a teacher that cannot be found fails at once, and one the probe skips is not looked for.
+    teacher_cfg = teacher_config(loaded, teacher) if data and "knn" not in skip else None
+    em_teacher_cfg = teacher_cfg if teacher_cfg is not None or "caption_em" in skip or not data else \
+        caption_teacher_config(loaded, teacher)
+    emb = train_emb = teacher_emb = em_sides = em_teacher = None
     if data:
         emb = embed_split(loaded.model, eval_loader(data, loaded, batch_size, label_columns, workers), loaded.device)
         needs_train = ("linear" not in skip and label_columns) or "caption_em" not in skip
         if probe_train and needs_train:
             train_emb = embed_split(loaded.model, eval_loader(probe_train, loaded, batch_size, label_columns, workers),
                                     loaded.device)
-        if "knn" not in skip and teacher_cfg is not None:
-            from kclip.teacher.model import build_teacher
+        if teacher_cfg is not None:
+            from kclip.teacher.load import build_teacher
 
             rows = distinct_captions(emb["caption"], knn_max_captions)
-            teacher_emb = teacher_embeddings(build_teacher(teacher_cfg), [emb["caption"][i] for i in rows])
+            teacher_model = build_teacher(teacher_cfg)
+            teacher_emb = teacher_embeddings(teacher_model, [emb["caption"][i] for i in rows])
+        if "caption_em" not in skip:
+            em_sides = caption_sides(emb, train_emb)
+            if em_teacher_cfg is not None:  # the caption probe's teacher row: every rank embeds its share
+                from kclip.teacher.load import build_teacher
+
+                model = teacher_model if teacher_cfg is not None else build_teacher(em_teacher_cfg)
+                em_teacher = (teacher_embeddings(model, em_sides[1]), teacher_embeddings(model, em_sides[3]))
     if not dist.is_main():
         return None
     if emb is not None:
@@ -186,9 +271,8 @@ def evaluate(loaded: LoadedModel, *, data: str | None, label_columns=(), templat
             metrics["probe/teacher_knn_chance"] = k / (len(rows) - 1)
             metrics["protocol/teacher_knn"] = f"k={k} over {len(rows)} distinct captions, cosine, self excluded"
         if "caption_em" not in skip:
-            metrics.update(caption_probe(loaded, emb, train_emb, caption_cfg))
-            metrics["protocol/caption_em"] = caption_cfg.describe() + "; train: " + (
-                probe_train if probe_train else f"{1 - PROBE_TEST_FRACTION:.0%} of distinct captions by text hash")
+            metrics.update(caption_probe(loaded, em_sides, caption_cfg, em_teacher, em_decoder))
+            metrics["protocol/caption_em"] = caption_protocol(caption_cfg, probe_train, em_decoder)
     for name, root in (("awa2", awa2), ("cub", cub)):
         if root:
             metrics.update(attributes.attribute_zero_shot(loaded, attributes.READERS[name](root)))
@@ -212,7 +296,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher model path (HF folder or .gguf) for the kNN probe, instead of the run's")
     p.add_argument("--knn-k", type=int, default=DEFAULT_K)
     p.add_argument("--knn-max-captions", type=int, default=KNN_MAX_CAPTIONS)
-    p.add_argument("--em-steps", type=int, default=ProbeConfig.steps, help="caption decoder training steps")
+    p.add_argument("--em-steps", type=int, default=ProbeConfig.steps,
+                   help="caption EM stage-2 steps (Linear+LayerNorm into the frozen decoder)")
+    p.add_argument("--em-ae-steps", type=int, default=ProbeConfig.ae_max_steps,
+                   help="caption EM stage 1: at most this many autoencoder steps (cached per corpus)")
+    p.add_argument("--em-decoder-corpus", choices=("all", "train", "both"), default=ProbeConfig.corpus,
+                   help="captions the stage-1 autoencoder is trained on: --probe-train's and --data's (all), "
+                        "--probe-train's only (train), or both (extra *_traincorpus keys)")
+    p.add_argument("--em-decoder", help="a pretrained causal LM (HF folder or .gguf) as the frozen caption EM "
+                                        "decoder instead of stage 1 (a GPU job: see kclip/eval/lm_decoder.py)")
     console.add_verbose_flag(p)
     return p
 
@@ -245,8 +337,9 @@ def main(argv: list[str]) -> int:
             metrics = evaluate(loaded, data=args.data, label_columns=args.label_cols, templates=templates,
                                batch_size=args.batch_size, workers=args.workers, probe_train=args.probe_train,
                                awa2=args.awa2, cub=args.cub, skip=args.skip, knn_k=args.knn_k,
-                               knn_max_captions=args.knn_max_captions, caption_cfg=ProbeConfig(steps=args.em_steps),
-                               teacher=args.teacher)
+                               knn_max_captions=args.knn_max_captions, caption_cfg=ProbeConfig(steps=args.em_steps, ae_max_steps=args.em_ae_steps,
+                                                                   corpus=args.em_decoder_corpus),
+                               teacher=args.teacher, em_decoder=args.em_decoder)
     except (ModelLoadError, CheckpointError, OSError, ValueError) as e:
         print(f"kclip eval: error: {e}", file=sys.stderr)
         return 2
