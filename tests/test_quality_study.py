@@ -193,6 +193,6 @@ def test_tiny_study_end_to_end_and_resumed(tmp_path, shapes):
     (out / "plain" / "seed1" / "eval.json").unlink()
     train_log = (out / "plain" / "seed1" / "train.log").read_text()
     text = run_study(study_cmd(out, shapes))
-    assert "0 to train, 1 to evaluate, 3 done" in text and "plain seed1: evaluated" in text
+    assert "0 to train, 1 to evaluate on val, 3 done" in text and "plain seed1: evaluated" in text
     assert (out / "plain" / "seed1" / "train.log").read_text() == train_log
     assert json.loads((out / "study.json").read_text())["paired"]["distill_cosine"]["retrieval/mean_R@10"]["n"] == 2
