@@ -72,7 +72,7 @@ from kclip.config import (
     load_config,
     to_dict,
 )
-from kclip.config.validate import validate
+from kclip.validate import validate
 from kclip.report import is_number, natural, save
 from kclip.train.checkpoint import tag_for
 

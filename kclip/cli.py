@@ -50,12 +50,13 @@ def load_run_config(config: str, overrides: list[str]):
     ConfigError naming the first impossible key."""
     from kclip import dist
     from kclip.config import load_config
-    from kclip.config.validate import validate
+    from kclip.config.preflight import shm_shortfall
+    from kclip.validate import validate
 
     cfg = load_config(config, overrides)
     dist.map_launcher_env()
     validate(cfg, int(os.environ["WORLD_SIZE"]), local_world_size=int(os.environ["LOCAL_WORLD_SIZE"]))
-    shortfall = dist.shm_shortfall(int(os.environ["LOCAL_WORLD_SIZE"]))
+    shortfall = shm_shortfall(int(os.environ["LOCAL_WORLD_SIZE"]))
     if shortfall:
         raise ConfigError(shortfall)
     return cfg

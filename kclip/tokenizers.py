@@ -5,28 +5,10 @@ import copy
 import os
 from functools import lru_cache
 
-from kclip.teacher import gguf_cache
+from kclip.gguf_files import gguf_config, resolve, split_gguf
 
 # A random in-memory teacher (teacher.random_config) has no tokenizer files of its own: it reads byte ids.
 RANDOM_TEACHER_TOKENIZER = "byte"
-
-
-def split_gguf(path: str) -> tuple[str, str | None]:
-    """A teacher path is a folder, or a `.gguf` file that transformers loads as (folder, gguf_file=name)."""
-    if path.endswith(".gguf"):
-        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    return path, None
-
-
-@lru_cache(maxsize=8)
-def gguf_config(path: str):
-    """The model config a `.gguf` file holds, from its converted copy when there is one (kclip.teacher.gguf_cache).
-    Cached: reading a GGUF's metadata takes seconds (2.4 s for the demo's 135M teacher), and loading the teacher needs
-    it for the model and again for the tokenizer's class."""
-    from transformers import AutoConfig
-
-    folder, gguf_file = split_gguf(gguf_cache.resolve(path))
-    return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
 
 
 @lru_cache(maxsize=8)
@@ -40,7 +22,7 @@ def load_tokenizer(spec: str):
         return ByT5Tokenizer(extra_ids=0)
     if not os.path.exists(spec):
         raise FileNotFoundError(f"tokenizer path does not exist: {spec}")
-    folder, gguf_file = split_gguf(gguf_cache.resolve(spec))
+    folder, gguf_file = split_gguf(resolve(spec))
     if gguf_file:  # with the config, AutoTokenizer does not read the file's metadata once more to pick the class
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, config=gguf_config(spec))
     else:

@@ -10,7 +10,7 @@ import queue
 import time
 import traceback
 
-from kclip import dist
+from kclip.config.preflight import shm_buffer_glob
 from kclip.dist import free_port
 
 COLLECTIVE_TIMEOUT_S = 60
@@ -44,7 +44,7 @@ def _child(fn, args, rank, world_size, port, results, extra_env):
 
 def cleanup_shm(port: int | None = None) -> None:
     """Spawned ranks end with os._exit, which skips kclip's own removal at exit: sweep their buffers by port."""
-    for path in glob.glob(dist.shm_buffer_glob(port)):
+    for path in glob.glob(shm_buffer_glob(port)):
         try:
             os.remove(path)
         except OSError:

@@ -12,7 +12,7 @@ import torch.distributed
 from kclip import dist
 from kclip.cli import main
 from kclip.config import Config, ConfigError, load_config
-from kclip.config.validate import validate
+from kclip.validate import validate
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 
 import pytest
 import torch
@@ -204,9 +205,21 @@ def test_a_shard_deleted_mid_run_is_named_in_one_line(tmp_path, restore_env, wor
     assert len(shards) >= 2
     batches = iter(loader(folder, num_workers=workers))
     next(batches)
-    for name in os.listdir(folder):  # every shard but the first, compressed and decompressed
-        if name.startswith("shard.") and not name.startswith(shards[0].split(".mds")[0] + "."):
+    first = shards[0].split(".mds")[0] + "."
+
+    def delete_all_shards_but_the_first() -> int:
+        doomed = [n for n in os.listdir(folder) if n.startswith("shard.") and not n.startswith(first)]
+        for name in doomed:
             os.remove(os.path.join(folder, name))
+        return len(doomed)
+
+    # streaming's prefetch thread may be decompressing a shard right now: its .mds then appears after the deletion,
+    # the data is whole again and nothing should fail. Delete until no decompression in flight brings a file back.
+    delete_all_shards_but_the_first()
+    quiet = 0
+    while quiet < 5:  # half a second without a file coming back
+        time.sleep(0.1)
+        quiet = quiet + 1 if delete_all_shards_but_the_first() == 0 else 0
     with pytest.raises(DataError) as caught:
         for _ in batches:
             pass

@@ -19,8 +19,8 @@ from kclip.eval import attributes
 from kclip.eval.caption_em import ProbeConfig, caption_em
 from kclip.eval.knn_overlap import distinct_captions, knn_overlap
 from kclip.eval.linear_probe import holdout_mask, linear_probe
-from kclip.eval.retrieval import retrieval_metrics
-from kclip.eval.split import caption_key, embed_split, evaluate_split, image_id
+from kclip.retrieval.metrics import retrieval_metrics
+from kclip.retrieval.split import caption_key, embed_split, evaluate_split, image_id
 from kclip.eval.zeroshot import class_embeddings, classification_metrics, load_templates
 from kclip.export.format import preprocess_spec
 from kclip.export.load import (

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaModel
 
 from kclip.config import load_config
 from kclip.eval.run import eval_loader, evaluate, main, teacher_config
-from kclip.eval.split import embed_split
+from kclip.retrieval.split import embed_split
 from kclip.export.load import load_model
 from kclip.train.loop import train
 from kclip.tokenizers import load_tokenizer

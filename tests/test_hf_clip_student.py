@@ -19,8 +19,8 @@ from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 import kclip
 from kclip.config import Config, ConfigError, load_config
-from kclip.config.preflight import check_hf_clip
-from kclip.config.validate import validate
+from kclip.validate import check_hf_clip
+from kclip.validate import validate
 from kclip.dist import free_port
 from kclip.export.format import EXPORT_HF, EXPORT_TOKENIZER, preprocess_spec
 from kclip.export.load import LoadedModel, TextTokenizer, build_encoder, load_model

@@ -244,9 +244,9 @@ def test_universal_copies_take_no_keep_last_slot_and_go_with_their_checkpoint(tm
 def _own_shm_buffers(port: str) -> list[str]:
     import glob
 
-    from kclip import dist
+    from kclip.config.preflight import shm_buffer_glob
 
-    return glob.glob(dist.shm_buffer_glob(port))
+    return glob.glob(shm_buffer_glob(port))
 
 
 def test_runs_leave_dev_shm_as_they_found_it_also_on_error_exits(shapes, tmp_path):
@@ -265,11 +265,11 @@ def test_runs_leave_dev_shm_as_they_found_it_also_on_error_exits(shapes, tmp_pat
 def test_a_dev_shm_too_small_fails_before_any_process_group(shapes, tmp_path, monkeypatch, capsys):
     import shutil
 
-    from kclip import dist
     from kclip.cli import main
+    from kclip.config import preflight
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setattr(dist.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(64 << 20, 32 << 20, 32 << 20))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(64 << 20, 32 << 20, 32 << 20))
     assert main(["train", "--config", "smoke", "--output", str(tmp_path / "run"), f"data.train={shapes}"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "/dev/shm has 32 MiB free; DeepSpeed's CPU accelerator needs 66 MiB" in error[0], error

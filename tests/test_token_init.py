@@ -13,7 +13,7 @@ from test_train import run_ok, shapes, train_cmd  # noqa: F401 - shapes is a fix
 from transformers import LlamaModel
 
 from kclip.config import ConfigError, TeacherConfig, load_config
-from kclip.config.validate import validate
+from kclip.validate import validate
 from kclip.export.format import MODEL_STATES
 from kclip.models.knowledge_clip import KnowledgeCLIP
 from kclip.models.token_init import init_token_embeddings, pca_reduce

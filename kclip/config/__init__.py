@@ -1,5 +1,5 @@
-"""The run configuration: dataclass sections (schema.py), YAML files and overrides (files.py), and the checks that
-run before any process group (validate.py, imported where it is needed: it reads the filesystem)."""
+"""The run configuration: dataclass sections (schema.py), YAML files and overrides (files.py), and the checks of what
+it names on disk (preflight.py). The checks that combine sections run in kclip.validate, above the models."""
 from kclip.config.files import (
     CONFIG_DIR,
     apply_override,

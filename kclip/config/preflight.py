@@ -1,16 +1,17 @@
-"""The filesystem pre-flight: what the config names on disk exists and is what it claims to be. Run by validate()
-in the launching process, and by the constructors that take a section directly (build_teacher), so a benchmark or a
-test that skips validate() gets the same one-line errors."""
+"""The filesystem pre-flight: what the config names on disk exists and is what it claims to be, and /dev/shm can hold
+DeepSpeed's CPU allreduce buffers. Run by kclip.validate and the CLI in the launching process, and by the constructors
+that take a section directly (build_teacher), so a benchmark or a test that skips validate() gets the same one-line
+errors."""
 from __future__ import annotations
 
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-from kclip.config.schema import Config, ConfigError, TeacherConfig, check_section
-from kclip.tokenizers import load_tokenizer, student_tokenizer_spec
+from kclip.config.schema import ConfigError, TeacherConfig, check_section
 
 # The errors of a write that found no room: a full disk, and a user or project quota (the usual limit on a cluster's
 # shared file systems). Both are the user's to fix, so both are one line wherever kclip writes much.
@@ -44,7 +45,7 @@ def _read_json(key: str, path: Path, remedy: str = "rebuild the dataset with `kc
         raise ConfigError(f"{key}: {path} is unreadable ({type(e).__name__}: {e}); {remedy}") from None
 
 
-def _model_config(key: str, folder: str, expected: str) -> dict:
+def model_config(key: str, folder: str, expected: str) -> dict:
     """The config.json of a Hugging Face model folder, read here so that a missing, truncated or foreign one is one
     line naming `key` rather than a traceback from deep inside transformers."""
     path = Path(folder) / "config.json"
@@ -127,7 +128,7 @@ def check_teacher_path(path: str) -> None:
     if not os.path.exists(path):
         raise ConfigError(f"teacher.path: no such file or folder {path}")
     if os.path.isdir(path):
-        _model_config("teacher.path", path, expected="a Hugging Face model folder or a .gguf file")
+        model_config("teacher.path", path, expected="a Hugging Face model folder or a .gguf file")
         if not weight_files(path):
             raise ConfigError(f"teacher.path: {path} holds no weights (*.safetensors or *.bin)")
     elif not path.endswith(".gguf"):
@@ -155,53 +156,38 @@ def check_teacher(cfg: TeacherConfig) -> None:
         check_teacher_path(cfg.path)
 
 
-def load_student_tokenizer(cfg: Config):
-    """The run's student tokenizer, or ConfigError naming student.tokenizer when it cannot be loaded."""
-    spec = student_tokenizer_spec(cfg)
-    if os.path.isdir(spec) and not any((Path(spec) / name).is_file() for name in TOKENIZER_FILES):
-        raise ConfigError(f"student.tokenizer: {cfg.student.tokenizer!r} reads {spec}, which holds no tokenizer "
-                          f"({' / '.join(TOKENIZER_FILES)}); save the model's tokenizer there or name one")
-    try:
-        return load_tokenizer(spec)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"student.tokenizer: cannot load {spec} ({' '.join(str(e).split())})") from e
+def check_shard_within(teacher: TeacherConfig, world_size: int, local_world_size: int) -> None:
+    """`teacher.shard_within: node` partitions the teacher over each node's ranks: the world must be whole nodes of
+    `local_world_size` ranks. Called before any collective (creating the node groups is one)."""
+    if teacher.shard_within == "node" and world_size % local_world_size:
+        raise ConfigError(f"teacher.shard_within: node needs equal nodes, but the world size {world_size} is not a "
+                          f"multiple of the {local_world_size} ranks per node (LOCAL_WORLD_SIZE); use world")
 
 
-def check_pooling(tokenizer, spec: str, text_config, max_len: int) -> None:
-    """A tokenizer whose ids a Hugging Face CLIP text tower can embed and pool. The tower embeds a caption as the
-    hidden state at its end-of-text token: the first position holding `eos_token_id`, or, in configs written before
-    that field was fixed (eos_token_id == 2, as transformers tells them apart), the position of the largest id, which
-    is end-of-text in CLIP's own vocabulary. A caption that does not end with that token is pooled elsewhere: with
-    byte ids at position 0, so "a dog" and "apple pie" (same first byte) embed identically and nothing is learned."""
-    if len(tokenizer) > text_config.vocab_size:
-        raise ConfigError(f"student.tokenizer: {spec} has {len(tokenizer)} token ids but student.hf_clip embeds only "
-                          f"{text_config.vocab_size}")
-    legacy = text_config.eos_token_id == 2
-    pooled = len(tokenizer) - 1 if legacy else text_config.eos_token_id
-    where = (f"the caption's largest id (a config with eos_token_id 2), which must be this tokenizer's last id, "
-             f"{pooled}") if legacy else f"eos_token_id {pooled}"
-    for ids in tokenizer(list(POOLING_PROBES), truncation=True, max_length=max_len)["input_ids"]:
-        if ids[-1] != pooled:
-            raise ConfigError(f"student.tokenizer: {spec} ends a caption with id {ids[-1]}, but student.hf_clip pools "
-                              f"the text at {where}, so captions would embed from the wrong token; use the CLIP "
-                              f"folder's own tokenizer (student.tokenizer=auto)")
+# DeepSpeed's CPU accelerator maps one allreduce workspace per rank into /dev/shm (69,206,024 bytes measured with
+# DeepSpeed 0.19.8), named deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>, and never removes it. A Docker
+# container's default /dev/shm is 64 MiB: the first rank then dies of a Bus error before step 1, printing nothing.
+SHM_BUFFER_BYTES = 69_206_024
 
 
-def check_hf_clip(cfg: Config) -> None:
-    """A student.hf_clip folder that can be fine-tuned, read at student.text_max_len tokens by a tokenizer it can
-    pool."""
-    from transformers import CLIPConfig
+def uses_cpu_accelerator() -> bool:
+    import torch  # only here: the rest of the pre-flight runs without torch
 
-    st = cfg.student
-    if not os.path.isdir(st.hf_clip):
-        raise ConfigError(f"student.hf_clip: no such folder {st.hf_clip}")
-    model_type = _model_config("student.hf_clip", st.hf_clip, expected="a Hugging Face CLIPModel folder").get("model_type")
-    if model_type != "clip":
-        raise ConfigError(f"student.hf_clip: {st.hf_clip} holds a {model_type!r} model, not a CLIPModel")
-    if not weight_files(st.hf_clip):
-        raise ConfigError(f"student.hf_clip: {st.hf_clip} holds no weights (*.safetensors or *.bin)")
-    text_config = CLIPConfig.from_pretrained(st.hf_clip).text_config
-    if st.text_max_len > text_config.max_position_embeddings:
-        raise ConfigError(f"student.text_max_len: {st.text_max_len} exceeds student.hf_clip's "
-                          f"{text_config.max_position_embeddings} text positions")
-    check_pooling(load_student_tokenizer(cfg), student_tokenizer_spec(cfg), text_config, st.text_max_len)
+    return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+
+
+def shm_buffer_glob(port: int | str | None = None) -> str:
+    """The shared-memory files DeepSpeed's CPU allreduce creates: all of this user's, or those of the group on `port`."""
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*" + (f"_{port}_*" if port is not None else "")
+
+
+def shm_shortfall(ranks_on_node: int) -> str | None:
+    """One line when /dev/shm cannot hold the CPU allreduce buffers of this node's ranks; None when it can."""
+    if not uses_cpu_accelerator() or not os.path.isdir("/dev/shm"):
+        return None
+    free, need = shutil.disk_usage("/dev/shm").free, ranks_on_node * SHM_BUFFER_BYTES
+    if free >= need:
+        return None
+    return (f"/dev/shm has {free / 2**20:.0f} MiB free; DeepSpeed's CPU accelerator needs {need / 2**20:.0f} MiB "
+            f"({ranks_on_node} rank(s) x {SHM_BUFFER_BYTES / 2**20:.0f} MiB): raise it (docker run --shm-size=1g) or "
+            f"remove stale {shm_buffer_glob()} files of finished runs")

@@ -3,7 +3,7 @@
 Every int and float field carries a `Range`, every string that selects a behaviour carries its choices, and each
 section checks its own fields (`check_section`) before any rule that combines sections, so no later arithmetic
 (batch divisions, `step % every`) sees a nonsensical value. Only what a field alone can tell lives here: rules that
-combine sections, or need the data, the filesystem or the device, are in kclip/config/validate.py.
+combine sections, or need the data, the filesystem or the device, are in kclip/validate.py.
 """
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ class TeacherConfig:
     shard_within: str = one_of("world", ("world", "node"))
     nvme_path: str | None = None
     # a .gguf teacher: save it de-quantised, once, as a Hugging Face folder under $KCLIP_CACHE (~/.cache/kclip), which
-    # later starts load instead (kclip.teacher.gguf_cache); false: write no copy (one already there is still read)
+    # later starts load instead (kclip.gguf_files); false: write no copy (one already there is still read)
     convert_gguf: bool = True
     # how long a process waits for another converting the same .gguf (a 7B takes minutes) before it fails: a holder
     # stuck on another node would otherwise hold every waiting rank until dist.timeout_s, with nothing naming it

@@ -9,7 +9,7 @@ language of the captions it must reproduce, as T5 knows English:
     decoder: h_0 = tanh(c) in every layer; input_t = [byte_emb(x_{t-1}); c]; next-byte cross-entropy.
 Bytes: any student tokenizer's captions, no vocabulary of its own.
 
-Cached: `$KCLIP_CACHE/caption_ae/<key>.pt` (the kclip cache dir of kclip.teacher.gguf_cache), where key hashes the
+Cached: `$KCLIP_CACHE/caption_ae/<key>.pt` (the kclip cache dir of kclip.gguf_files), where key hashes the
 corpus (its distinct captions, sorted), the stage-1 settings (ProbeConfig.stage1) and the torch version, so a study
 evaluating many students on one corpus trains it once. Written to a temporary name and renamed into place.
 """
@@ -126,7 +126,7 @@ def corpus_key(captions: list[str], cfg: ProbeConfig) -> str:
 
 
 def cache_path(captions: list[str], cfg: ProbeConfig):
-    from kclip.teacher.gguf_cache import cache_root
+    from kclip.gguf_files import cache_root
 
     return cache_root() / "caption_ae" / f"{corpus_key(captions, cfg)}.pt"
 

@@ -1,6 +1,6 @@
 """The caption EM probe with a pretrained decoder in place of stage 1 (`kclip eval --em-decoder PATH`), closer to
 the paper's frozen T5 decoder: a Hugging Face causal-LM folder or a `.gguf` file (loaded through kclip's converted
-copy, as the teacher is: kclip.teacher.gguf_cache), frozen.
+copy, as the teacher is: kclip.gguf_files), frozen.
 
 The frozen embedding e reaches the LM as a prefix of k = cfg.prefix_tokens soft tokens:
     P = LayerNorm(reshape(W standardise(e) + b, [k, H]))   (H: the LM's hidden size; LayerNorm over H, its gain
@@ -31,10 +31,10 @@ def load_lm(path: str, device="cpu"):
     """(frozen causal LM in float32, its tokenizer) from an HF folder or a .gguf file."""
     from transformers import AutoModelForCausalLM
 
-    from kclip.teacher import gguf_cache
-    from kclip.tokenizers import load_tokenizer, split_gguf
+    from kclip import gguf_files
+    from kclip.tokenizers import load_tokenizer
 
-    folder, gguf_file = split_gguf(gguf_cache.resolve(path, convert=True))
+    folder, gguf_file = gguf_files.split_gguf(gguf_files.resolve(path, convert=True))
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).to(device).eval()
     for p in model.parameters():

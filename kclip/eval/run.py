@@ -3,7 +3,7 @@
 Keys (all floats unless noted; absent when the evaluation was skipped or not applicable):
   num_samples                                   distinct (image, caption) pairs in --data (int)
   num_images                                    distinct images in --data (int)
-  retrieval/{i2t,t2i}_R@{1,5,10}                positives: same image id OR same raw caption (kclip.eval.retrieval)
+  retrieval/{i2t,t2i}_R@{1,5,10}                positives: same image id OR same raw caption (kclip.retrieval.metrics)
   retrieval/{i2t,t2i}_median_rank               1-based
   zeroshot/<col>/{top1,top5,mean_per_class}     class-name prompts over the label values of <col>
   probe/linear/<col>/{top1,top5,mean_per_class,lambda}   logistic regression on frozen image features
@@ -62,7 +62,7 @@ def eval_loader(data_dir: str, loaded: LoadedModel, batch_size: int, label_colum
 
 def per_image(emb: dict) -> dict:
     """The first record of every distinct image: image [m, d], key [m], labels {col: [m]}."""
-    from kclip.eval.retrieval import group_ids
+    from kclip.retrieval.metrics import group_ids
 
     _, first = group_ids(emb["image_key"])
     rows = first.tolist()
@@ -107,7 +107,7 @@ def caption_sides(test_emb: dict, train_emb: dict | None):
 
     from kclip.eval.knn_overlap import distinct_captions
     from kclip.eval.linear_probe import holdout_mask
-    from kclip.eval.split import caption_key
+    from kclip.retrieval.split import caption_key
 
     def distinct(emb):
         rows = distinct_captions(emb["caption"])
@@ -213,8 +213,8 @@ def evaluate(loaded: LoadedModel, *, data: str | None, label_columns=(), templat
         teacher_embeddings,
     )
     from kclip.eval.linear_probe import LAMBDAS, VALIDATION_FRACTION
-    from kclip.eval.retrieval import group_ids, retrieval_metrics
-    from kclip.eval.split import embed_split
+    from kclip.retrieval.metrics import group_ids, retrieval_metrics
+    from kclip.retrieval.split import embed_split
     from kclip.eval.zeroshot import zero_shot
 
     caption_cfg = caption_cfg or ProbeConfig()

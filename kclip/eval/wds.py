@@ -76,7 +76,7 @@ class ShardWriter:
 
 def distinct_images(ds, label_columns: tuple[str, ...]) -> list[dict]:
     """Per distinct image of an MDS dataset, in index order: {"index" (its first record), "captions", "labels"}."""
-    from kclip.eval.split import image_id
+    from kclip.retrieval.split import image_id
 
     images: dict[str, dict] = {}
     for index in range(ds.num_samples):

@@ -11,19 +11,13 @@ import struct
 
 import torch
 
-from kclip import dist
+from kclip import dist, gguf_files
 from kclip.config import ConfigError, TeacherConfig
-from kclip.config.preflight import check_teacher, weight_files
-from kclip.config.validate import check_shard_within
+from kclip.config.preflight import check_shard_within, check_teacher, weight_files
 from kclip.ds_config import load_template
-from kclip.teacher import gguf_cache
+from kclip.gguf_files import gguf_config, split_gguf
 from kclip.teacher.model import Teacher
-from kclip.tokenizers import (
-    RANDOM_TEACHER_TOKENIZER,
-    gguf_config,
-    load_tokenizer,
-    split_gguf,
-)
+from kclip.tokenizers import RANDOM_TEACHER_TOKENIZER, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +100,7 @@ def _load_module(cfg: TeacherConfig, model_config, dtype: torch.dtype, ds_config
     if cfg.random_config is not None:
         torch.manual_seed(cfg.seed)
         return AutoModel.from_config(model_config).to(dtype)
-    folder, gguf_file = split_gguf(gguf_cache.resolve(cfg.path, convert=cfg.convert_gguf,
+    folder, gguf_file = split_gguf(gguf_files.resolve(cfg.path, convert=cfg.convert_gguf,
                                                           timeout_s=cfg.convert_timeout_s))
     # Passing the config already read saves re-parsing it (reading a GGUF's metadata takes seconds).
     kwargs = {"config": model_config, "dtype": dtype} | ({"gguf_file": gguf_file} if gguf_file else {})
@@ -182,7 +176,7 @@ def _fingerprint(cfg: TeacherConfig, model_config, tokenizer, dtype: torch.dtype
     if cfg.random_config is not None:
         weights = {"random_seed": cfg.seed}
     else:
-        weights = {"files": [(f.name, f.stat().st_size, gguf_cache.sample_digest(f)) for f in weight_files(cfg.path)]}
+        weights = {"files": [(f.name, f.stat().st_size, gguf_files.sample_digest(f)) for f in weight_files(cfg.path)]}
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     identity = {
         "config": arch, "weights": weights, "layer": cfg.layer, "normalize": cfg.normalize,

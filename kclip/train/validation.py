@@ -4,7 +4,7 @@ from __future__ import annotations
 from kclip import dist
 from kclip.config import Config
 from kclip.data.loader import build_loader
-from kclip.eval.split import evaluate_split
+from kclip.retrieval.split import evaluate_split
 
 
 class Validator:

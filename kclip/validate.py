@@ -1,23 +1,28 @@
 """Checks that need no process group: run in the launching process so a bad config fails in seconds, with one line
 naming the key, instead of after every rank has started (or, worse, as a hang). Each section's own rules live with
-the section (kclip/config/schema.py) and run first; what is here combines sections, or asks the data, the filesystem
-(kclip/config/preflight.py) or the device."""
+the section (kclip/config/schema.py) and run first, the filesystem's in kclip/config/preflight.py; what is here
+combines sections, or asks the tokenizer, the student's towers or the device. It sits above the models it builds on
+the meta device, which is why it is not part of kclip.config."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from kclip.config.preflight import check_hf_clip, check_mds, check_teacher
-from kclip.config.schema import Config, ConfigError, StudentConfig, TeacherConfig
-
-
-def check_shard_within(teacher: TeacherConfig, world_size: int, local_world_size: int) -> None:
-    """`teacher.shard_within: node` partitions the teacher over each node's ranks: the world must be whole nodes of
-    `local_world_size` ranks. Called before any collective (creating the node groups is one)."""
-    if teacher.shard_within == "node" and world_size % local_world_size:
-        raise ConfigError(f"teacher.shard_within: node needs equal nodes, but the world size {world_size} is not a "
-                          f"multiple of the {local_world_size} ranks per node (LOCAL_WORLD_SIZE); use world")
-
+from kclip.config import Config, ConfigError, StudentConfig
+from kclip.config.preflight import (
+    POOLING_PROBES,
+    TOKENIZER_FILES,
+    check_mds,
+    check_shard_within,
+    check_teacher,
+    model_config,
+    weight_files,
+)
+from kclip.models.student import image_tower_kwargs
+from kclip.tokenizers import load_tokenizer, student_tokenizer_spec
 
 def batch_statistics_module(image_tower: torch.nn.Module) -> tuple[str, str] | None:
     """(name, class) of the first module that normalises by statistics of its batch, or None. BatchNorm in all its
@@ -34,8 +39,6 @@ def check_no_batch_statistics(st: StudentConfig, micro: int, per_rank: int) -> N
     micro-batch by its own statistics, and update its running statistics twice per micro-batch (no-grad pass and
     re-run). The tower is built on the meta device: its module tree without memory or initialisation."""
     import timm
-
-    from kclip.models.student import image_tower_kwargs
 
     try:
         with torch.device("meta"):
@@ -104,3 +107,55 @@ def validate(cfg: Config, world_size: int, *, local_world_size: int | None = Non
             raise ConfigError(
                 f"concepts.k: {c.k} exceeds the {first_fit} teacher embeddings available for the first fit "
                 f"(warmup_steps x global batch, buffer_size x ranks, dataset size)")
+
+
+def load_student_tokenizer(cfg: Config):
+    """The run's student tokenizer, or ConfigError naming student.tokenizer when it cannot be loaded."""
+    spec = student_tokenizer_spec(cfg)
+    if os.path.isdir(spec) and not any((Path(spec) / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"student.tokenizer: {cfg.student.tokenizer!r} reads {spec}, which holds no tokenizer "
+                          f"({' / '.join(TOKENIZER_FILES)}); save the model's tokenizer there or name one")
+    try:
+        return load_tokenizer(spec)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"student.tokenizer: cannot load {spec} ({' '.join(str(e).split())})") from e
+
+
+def check_pooling(tokenizer, spec: str, text_config, max_len: int) -> None:
+    """A tokenizer whose ids a Hugging Face CLIP text tower can embed and pool. The tower embeds a caption as the
+    hidden state at its end-of-text token: the first position holding `eos_token_id`, or, in configs written before
+    that field was fixed (eos_token_id == 2, as transformers tells them apart), the position of the largest id, which
+    is end-of-text in CLIP's own vocabulary. A caption that does not end with that token is pooled elsewhere: with
+    byte ids at position 0, so "a dog" and "apple pie" (same first byte) embed identically and nothing is learned."""
+    if len(tokenizer) > text_config.vocab_size:
+        raise ConfigError(f"student.tokenizer: {spec} has {len(tokenizer)} token ids but student.hf_clip embeds only "
+                          f"{text_config.vocab_size}")
+    legacy = text_config.eos_token_id == 2
+    pooled = len(tokenizer) - 1 if legacy else text_config.eos_token_id
+    where = (f"the caption's largest id (a config with eos_token_id 2), which must be this tokenizer's last id, "
+             f"{pooled}") if legacy else f"eos_token_id {pooled}"
+    for ids in tokenizer(list(POOLING_PROBES), truncation=True, max_length=max_len)["input_ids"]:
+        if ids[-1] != pooled:
+            raise ConfigError(f"student.tokenizer: {spec} ends a caption with id {ids[-1]}, but student.hf_clip pools "
+                              f"the text at {where}, so captions would embed from the wrong token; use the CLIP "
+                              f"folder's own tokenizer (student.tokenizer=auto)")
+
+
+def check_hf_clip(cfg: Config) -> None:
+    """A student.hf_clip folder that can be fine-tuned, read at student.text_max_len tokens by a tokenizer it can
+    pool."""
+    from transformers import CLIPConfig
+
+    st = cfg.student
+    if not os.path.isdir(st.hf_clip):
+        raise ConfigError(f"student.hf_clip: no such folder {st.hf_clip}")
+    model_type = model_config("student.hf_clip", st.hf_clip, expected="a Hugging Face CLIPModel folder").get("model_type")
+    if model_type != "clip":
+        raise ConfigError(f"student.hf_clip: {st.hf_clip} holds a {model_type!r} model, not a CLIPModel")
+    if not weight_files(st.hf_clip):
+        raise ConfigError(f"student.hf_clip: {st.hf_clip} holds no weights (*.safetensors or *.bin)")
+    text_config = CLIPConfig.from_pretrained(st.hf_clip).text_config
+    if st.text_max_len > text_config.max_position_embeddings:
+        raise ConfigError(f"student.text_max_len: {st.text_max_len} exceeds student.hf_clip's "
+                          f"{text_config.max_position_embeddings} text positions")
+    check_pooling(load_student_tokenizer(cfg), student_tokenizer_spec(cfg), text_config, st.text_max_len)

@@ -1,4 +1,5 @@
-"""Converted copies of `.gguf` teachers, so that only the first load of a GGUF file pays for reading it.
+"""GGUF model files: where transformers reads one from (`split_gguf`), its config, and converted copies, so that only
+the first load of a GGUF file pays for reading it. A leaf below the tokenizers and the teacher, which both read GGUF.
 
 Loading a GGUF teacher makes transformers parse its metadata (the vocabulary included) for the config and again for
 the tokenizer, and de-quantise every tensor into float32 on every start: 13 s of the demo's 20 s to its first step for
@@ -39,7 +40,27 @@ POLL_S = 0.2  # how often a waiting process tries the lock again: flock itself t
 REPORT_S = 60.0  # how often it says what it is still waiting for
 
 
+def split_gguf(path: str) -> tuple[str, str | None]:
+    """A model path is a folder, or a `.gguf` file that transformers loads as (folder, gguf_file=name)."""
+    if path.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    return path, None
+
+
+@lru_cache(maxsize=8)
+def gguf_config(path: str):
+    """The model config a `.gguf` file holds, from its converted copy when there is one. Cached: reading a GGUF's
+    metadata takes seconds (2.4 s for the demo's 135M teacher), and loading the teacher needs it for the model and
+    again for the tokenizer's class."""
+    from transformers import AutoConfig
+
+    folder, gguf_file = split_gguf(resolve(path))
+    return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+
+
 def cache_root() -> Path:
+    """kclip's cache folder of this user and machine: converted GGUF copies, and the caption autoencoders of
+    kclip.eval.caption_autoencoder."""
     return Path(os.environ.get("KCLIP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                 / "kclip")
 
@@ -186,9 +207,7 @@ def _wait_for(lock, path: str, folder: Path, timeout_s: float) -> None:
 
 def _convert(path: str, folder: Path, identity: dict) -> None:
     import torch
-    from transformers import AutoModel
-
-    from kclip.tokenizers import gguf_config, load_tokenizer, split_gguf
+    from transformers import AutoModel, AutoTokenizer
 
     began = time.monotonic()
     config = gguf_config(path)
@@ -204,7 +223,8 @@ def _convert(path: str, folder: Path, identity: dict) -> None:
         gguf_folder, gguf_file = split_gguf(path)
         model = AutoModel.from_pretrained(gguf_folder, gguf_file=gguf_file, config=config, dtype=torch.float32)
         model.save_pretrained(partial)
-        load_tokenizer(path).save_pretrained(partial)
+        # The tokenizer as the file defines it: kclip.tokenizers.load_tokenizer adds its pad token when reading it.
+        AutoTokenizer.from_pretrained(gguf_folder, gguf_file=gguf_file, config=config).save_pretrained(partial)
         files = {f.name: f.stat().st_size for f in partial.iterdir()}
         (partial / META).write_text(json.dumps({"gguf": os.path.abspath(path), "identity": identity, "files": files},
                                                indent=1))

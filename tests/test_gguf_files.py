@@ -1,4 +1,4 @@
-"""Converted copies of GGUF teachers (kclip.teacher.gguf_cache): the same embeddings and fingerprint as the GGUF, bit
+"""Converted copies of GGUF teachers (kclip.gguf_files): the same embeddings and fingerprint as the GGUF, bit
 for bit; later loads never read the GGUF; an unwritable cache, a damaged copy, a failed converter and two ranks
 converting at once all end with a working teacher."""
 import fcntl
@@ -18,10 +18,11 @@ import torch
 from multiproc import run_ranks
 from test_teacher import CAPTIONS, real_teacher_path
 
+from kclip import gguf_files
 from kclip.config import ConfigError, TeacherConfig
-from kclip.teacher import gguf_cache
+from kclip.gguf_files import gguf_config
 from kclip.teacher.load import build_teacher
-from kclip.tokenizers import gguf_config, load_tokenizer
+from kclip.tokenizers import load_tokenizer
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS, VOCAB = 64, 128, 4, 2, 2, 320
 
@@ -91,7 +92,7 @@ def embed(path, **kw):
 
 
 def converted_folders(path) -> list[Path]:
-    return [p for p in (gguf_cache.cache_root() / "gguf").glob(f"{Path(path).stem}-*") if p.is_dir()]
+    return [p for p in (gguf_files.cache_root() / "gguf").glob(f"{Path(path).stem}-*") if p.is_dir()]
 
 
 def no_gguf_reads(monkeypatch):
@@ -133,7 +134,7 @@ def test_a_damaged_copy_is_not_read_but_rebuilt(tiny_gguf):
     size = weights.stat().st_size
     with open(weights, "r+b") as f:
         f.truncate(size // 2)  # a disk fault after the copy was complete
-    assert gguf_cache.resolve(tiny_gguf) == tiny_gguf
+    assert gguf_files.resolve(tiny_gguf) == tiny_gguf
     assert torch.equal(embed(tiny_gguf)[0], expected)
     assert converted_folders(tiny_gguf) == [folder] and weights.stat().st_size == size
 
@@ -142,15 +143,15 @@ def test_a_process_waiting_for_a_converter_reads_its_copy_or_the_gguf_but_never_
                                                                                                 monkeypatch, caplog):
     """Another process holds the lock: this one waits, then reads the folder the holder wrote or, when it wrote none
     (its conversion failed), loads the GGUF instead of trying again."""
-    folder, identity = gguf_cache._place(tiny_gguf)
+    folder, identity = gguf_files._place(tiny_gguf)
     folder.parent.mkdir(parents=True)
-    holder_convert = gguf_cache._convert
-    monkeypatch.setattr(gguf_cache, "_convert", lambda *a: pytest.fail("converted by a waiting process"))
+    holder_convert = gguf_files._convert
+    monkeypatch.setattr(gguf_files, "_convert", lambda *a: pytest.fail("converted by a waiting process"))
     caplog.set_level(logging.INFO)
     for holder_succeeds in (False, True):
         caplog.clear()
         result: list[str] = []
-        waiter = threading.Thread(target=lambda out=result: out.append(gguf_cache.resolve(tiny_gguf, convert=True)))
+        waiter = threading.Thread(target=lambda out=result: out.append(gguf_files.resolve(tiny_gguf, convert=True)))
         with open(folder.with_name(folder.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             waiter.start()
@@ -167,19 +168,19 @@ def test_a_process_waiting_for_a_converter_reads_its_copy_or_the_gguf_but_never_
 # A converter that never finishes: kclip's own locking, with the conversion replaced by a long sleep.
 STUCK_CONVERTER = """
 import sys, time
-from kclip.teacher import gguf_cache
-gguf_cache._convert = lambda *a: (print("converting", flush=True), time.sleep(120))
-gguf_cache.resolve(sys.argv[1], convert=True)
+from kclip import gguf_files
+gguf_files._convert = lambda *a: (print("converting", flush=True), time.sleep(120))
+gguf_files.resolve(sys.argv[1], convert=True)
 """
 
 
 def test_waiting_for_a_stuck_converter_ends_at_its_own_bound_with_one_line_naming_it(tiny_gguf, caplog):
-    folder, _ = gguf_cache._place(tiny_gguf)
+    folder, _ = gguf_files._place(tiny_gguf)
     with subprocess.Popen([sys.executable, "-c", STUCK_CONVERTER, tiny_gguf], stdout=subprocess.PIPE,
                           text=True) as holder:
         try:
             assert holder.stdout.readline() == "converting\n"
-            caplog.set_level(logging.INFO, logger=gguf_cache.__name__)
+            caplog.set_level(logging.INFO, logger=gguf_files.__name__)
             began = time.monotonic()
             with pytest.raises(ConfigError) as e:
                 build_teacher(TeacherConfig(path=tiny_gguf, convert_timeout_s=1.0), shard=False)
@@ -192,14 +193,14 @@ def test_waiting_for_a_stuck_converter_ends_at_its_own_bound_with_one_line_namin
     assert "\n" not in message and re.match(re.escape("teacher.convert_timeout_s: waited ") + r"1\.\d s " + re.escape(
         f"for {who} converting {tiny_gguf} into {folder} (lock {folder}.lock)"), message), message
     assert "teacher.convert_gguf=false" in message
-    [waiting] = [r.getMessage() for r in caplog.records if r.name == gguf_cache.__name__]
+    [waiting] = [r.getMessage() for r in caplog.records if r.name == gguf_files.__name__]
     assert waiting.startswith(f"teacher: waiting for {who} converting {tiny_gguf} into {folder}: 0 s of at most 1 s")
 
 
 def _sharded_teacher_on_an_empty_cache(path):
     conversions = []
-    convert = gguf_cache._convert
-    gguf_cache._convert = lambda *args: conversions.append(convert(*args))
+    convert = gguf_files._convert
+    gguf_files._convert = lambda *args: conversions.append(convert(*args))
     t = build_teacher(TeacherConfig(path=path, chunk_size=2))  # two ranks: ZeRO-3, weights loaded partitioned
     return t.embed(*t.tokenize(CAPTIONS)).numpy(), t.fingerprint, len(conversions)
 

@@ -3,7 +3,7 @@
 Streaming pads every rank to the same sample count by repeating samples; rows are de-duplicated by their global
 sample index before any metric is computed, so each pair counts exactly once.
 
-Which rows show the same image, and which captions are the same text (see kclip.eval.retrieval for the rule):
+Which rows show the same image, and which captions are the same text (see kclip.retrieval.metrics for the rule):
 - image key = the sample id without the `#k` suffix that `kclip prepare` gives the 2nd, 3rd... caption of an image;
 - text key = the raw caption string, exactly (no case or whitespace folding): only identical texts are merged. Not
   the student's token ids: captions that differ only past its truncation limit are different captions, and keying
@@ -20,7 +20,7 @@ import torch
 import torch.distributed
 
 from kclip import console, dist
-from kclip.eval.retrieval import retrieval_metrics
+from kclip.retrieval.metrics import retrieval_metrics
 
 CAPTION_SUFFIX = re.compile(r"#\d+$")
 
@@ -94,7 +94,7 @@ def embed_split(model, loader, device) -> dict:
 
 
 def evaluate_split(model, loader, device) -> dict[str, float]:
-    """Retrieval metrics (kclip.eval.retrieval) over the split, and `num_samples` (distinct pairs)."""
+    """Retrieval metrics (kclip.retrieval.metrics) over the split, and `num_samples` (distinct pairs)."""
     emb = embed_split(model, loader, device)
     return {**retrieval_metrics(emb["image"], emb["text"], emb["image_key"], emb["text_key"]),
             "num_samples": int(emb["index"].numel())}
