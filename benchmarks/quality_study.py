@@ -89,6 +89,8 @@ TEACHER_TOKENS = ["student.tokenizer=teacher", "student.token_init=teacher"]
 
 # name -> overrides on top of the study's config. Same seed = same data order and student init, so every variant is
 # compared with `plain` run by run (see the module docstring).
+# The concept heads' own optimizer group (kclip/train/engine.py, optim.head_*).
+HEADS_OWN_PACE = ["optim.head_grad_clip=1.0", "optim.head_eps=1e-10", "optim.head_lr_scale=10"]
 VARIANTS: dict[str, list[str]] = {
     # CLIP's contrastive loss alone: the baseline every difference is taken against.
     "plain": ["loss.distill_weight=0", "loss.concept_weight=0", *BYTES],
@@ -129,6 +131,18 @@ VARIANTS: dict[str, list[str]] = {
                                         "loss.distill_target=centered", *TEACHER_TOKENS],
     # The same with concept learning on: all three objectives with the teacher's vocabulary (the demo's default).
     "all_three_teacher_tok": ["loss.distill_kind=contrastive", "loss.distill_target=centered", *TEACHER_TOKENS],
+    # The same with the concept heads at their own pace (own optimizer group: 10x lr, eps 1e-10, clipped apart from
+    # the towers), without which the heads' gradients at beta 0.01 fall below AdamW's eps once clipped with the towers.
+    "all_three_heads_own_pace": ["loss.distill_kind=contrastive", "loss.distill_target=centered", *TEACHER_TOKENS,
+                                 *HEADS_OWN_PACE],
+    # ... with beta 0.1: the concept gradient on the towers from 0.8% of the contrastive one (at the start) to ~10%.
+    "all_three_heads_own_pace_beta0.1": ["loss.distill_kind=contrastive", "loss.distill_target=centered",
+                                         *TEACHER_TOKENS, *HEADS_OWN_PACE, "loss.concept_weight=0.1"],
+    # ... with 100 concepts instead of 32, and with softer labels (tau 0.2 instead of 0.05).
+    "all_three_heads_own_pace_k100": ["loss.distill_kind=contrastive", "loss.distill_target=centered",
+                                      *TEACHER_TOKENS, *HEADS_OWN_PACE, "concepts.k=100"],
+    "all_three_heads_own_pace_tau0.2": ["loss.distill_kind=contrastive", "loss.distill_target=centered",
+                                        *TEACHER_TOKENS, *HEADS_OWN_PACE, "concepts.tau=0.2"],
 }
 
 # Config sections that do not change what a run learns: a run folder that differs only there is still comparable.

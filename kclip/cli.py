@@ -93,7 +93,7 @@ def train_main(argv: list[str]) -> int:
     except (ConfigError, RunFolderError) as e:
         return fail(str(e), 2)
 
-    from kclip.data.loader import DataError
+    from kclip.data.datasets import DataError
     from kclip.teacher.cache import TeacherCacheError
     from kclip.train.checkpoint import CheckpointError
     from kclip.train.loop import train
@@ -169,7 +169,7 @@ def teacher_cache_main(argv: list[str]) -> int:
     args = console.parse_args(parser, argv)
 
     from kclip import dist
-    from kclip.data.loader import DataError
+    from kclip.data.datasets import DataError
     from kclip.teacher.cache import TeacherCacheError
     from kclip.teacher.precompute import precompute
 

@@ -198,7 +198,7 @@ def test_truncation_is_flagged_exactly_at_the_limit():
 def test_a_shard_deleted_mid_run_is_named_in_one_line(tmp_path, restore_env, workers):
     """streaming says only "In the absence of local dataset, path to remote dataset must be provided"."""
     from kclip.cli import one_line
-    from kclip.data.loader import DataError
+    from kclip.data.datasets import DataError
 
     folder = write_dataset(tmp_path / "d", 80)
     shards = sorted(p for p in os.listdir(folder) if p.startswith("shard.") and p.endswith(".zstd"))

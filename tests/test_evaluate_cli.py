@@ -50,7 +50,8 @@ def test_eval_cli_writes_documented_keys_and_matches_training_eval(runs, tmp_pat
     fractions = [f"retrieval/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
     fractions += [f"zeroshot/{c}/{x}" for c in ("color", "shape") for x in ("top1", "top5", "mean_per_class")]
     fractions += [f"probe/linear/{c}/{x}" for c in ("color", "shape") for x in ("top1", "top5", "mean_per_class")]
-    fractions += ["probe/teacher_knn_overlap", "probe/caption_em", "probe/caption_em_train"]
+    fractions += ["probe/teacher_knn_overlap", "probe/teacher_knn_overlap_centred", "probe/caption_em",
+                  "probe/caption_em_train"]
     assert all(0.0 <= m[k] <= 1.0 for k in fractions), {k: m.get(k) for k in fractions}
     assert m["probe/teacher_knn_chance"] == pytest.approx(3 / 11)  # 12 distinct captions, k = 3
     assert all(isinstance(m[k], str) for k in m if k.startswith("protocol/"))
@@ -104,6 +105,34 @@ def test_plain_run_given_a_teacher_reports_knn_overlap_with_its_own_teacher_sett
     m = json.loads(out.read_text())
     assert rc == 0 and 0.0 <= m["probe/teacher_knn_overlap"] <= 1.0
     assert m["probe/teacher_knn_chance"] == pytest.approx(3 / 11) and not m["protocol/teacher_knn"].startswith("skip")
+
+
+def test_a_second_evaluation_reads_the_teacher_embeddings_from_the_cache_and_a_damaged_one_is_recomputed(
+        runs, tmp_path, monkeypatch):
+    import kclip.teacher.load
+
+    monkeypatch.setenv("KCLIP_CACHE", str(tmp_path / "cache"))
+    args = ["--checkpoint", str(runs["kc"]), "--data", str(runs["data"]), "--skip", "retrieval,zeroshot,linear",
+            "--knn-k", "3", "--em-steps", "5", "--em-ae-steps", "5"]
+    teacher_keys = ("probe/teacher_knn_overlap", "probe/teacher_knn_overlap_centred", "probe/caption_em_teacher")
+
+    def evaluate_to(name):
+        assert main([*args, "--out", str(tmp_path / name)]) == 0
+        m = json.loads((tmp_path / name).read_text())
+        return {k: m[k] for k in teacher_keys}
+
+    first = evaluate_to("first.json")
+    files = sorted((tmp_path / "cache" / "eval_teacher").glob("*.pt"))
+    assert len(files) == 3  # the kNN probe's captions, the caption probe's training and held-out captions
+    build_teacher = kclip.teacher.load.build_teacher
+    monkeypatch.setattr(kclip.teacher.load, "build_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    assert evaluate_to("cached.json") == first
+    files[0].write_bytes(files[0].read_bytes()[:100])  # torn
+    torch.save(torch.full((2, 3), float("nan")), files[1])  # the wrong rows
+    monkeypatch.setattr(kclip.teacher.load, "build_teacher", build_teacher)
+    assert evaluate_to("recomputed.json") == first
+    monkeypatch.setattr(kclip.teacher.load, "build_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    assert evaluate_to("cached_again.json") == first
 
 
 def test_a_run_evaluated_from_elsewhere_finds_its_relative_teacher_or_says_in_one_line_what_to_pass(

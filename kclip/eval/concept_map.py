@@ -14,7 +14,7 @@ import torch
 
 from kclip.concepts.bank import ConceptBank
 from kclip.config import Config
-from kclip.data.loader import CaptionDataset
+from kclip.data.datasets import CaptionDataset
 from kclip.eval.knn_overlap import teacher_embeddings
 
 

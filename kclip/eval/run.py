@@ -8,6 +8,8 @@ Keys (all floats unless noted; absent when the evaluation was skipped or not app
   zeroshot/<col>/{top1,top5,mean_per_class}     class-name prompts over the label values of <col>
   probe/linear/<col>/{top1,top5,mean_per_class,lambda}   logistic regression on frozen image features
   probe/teacher_knn_overlap, probe/teacher_knn_chance    overlap@k of caption neighbourhoods, and its chance level
+  probe/teacher_knn_overlap_centred             the same with the teacher's embeddings centred on their mean, the
+                                                space training distils
   probe/caption_em, probe/caption_em_train, probe/caption_em_num_{test,train}   caption reconstruction exact match
                                                 of held-out / training captions from the student's text embedding
   probe/caption_em_{autoencoder,teacher}        the same probe from the stage-1 autoencoder's own encoder (upper
@@ -20,7 +22,8 @@ Keys (all floats unless noted; absent when the evaluation was skipped or not app
 Images with several captions count once in zero-shot and the probes (first record of each image).
 
 Runs on one process, or on several (deepspeed/torchrun launchers): embeddings and teacher embeddings are computed in
-shares and gathered; everything after that runs on rank 0, which writes the file.
+shares and gathered; everything after that runs on rank 0, which writes the file. The teacher's embeddings of the
+captions are cached between evaluations (kclip.eval.teacher_cache).
 """
 from __future__ import annotations
 
@@ -207,15 +210,12 @@ def evaluate(loaded: LoadedModel, *, data: str | None, label_columns=(), templat
     with the teacher a Knowledge-CLIP run distilled from."""
     from kclip import dist
     from kclip.eval import attributes
-    from kclip.eval.knn_overlap import (
-        distinct_captions,
-        knn_overlap,
-        teacher_embeddings,
-    )
+    from kclip.eval.knn_overlap import distinct_captions, knn_overlap
     from kclip.eval.linear_probe import LAMBDAS, VALIDATION_FRACTION
     from kclip.retrieval.metrics import group_ids, retrieval_metrics
-    from kclip.retrieval.split import embed_split
     from kclip.eval.zeroshot import zero_shot
+    from kclip.retrieval.split import embed_split
+    from kclip.teacher.stats import centred
 
     caption_cfg = caption_cfg or ProbeConfig()
     metrics: dict = {"protocol/checkpoint": loaded.source}
@@ -230,19 +230,21 @@ def evaluate(loaded: LoadedModel, *, data: str | None, label_columns=(), templat
         if probe_train and needs_train:
             train_emb = embed_split(loaded.model, eval_loader(probe_train, loaded, batch_size, label_columns, workers),
                                     loaded.device)
+        caption_lists = {}  # what the teacher embeds: the kNN probe's captions, the caption probe's two sides
         if teacher_cfg is not None:
-            from kclip.teacher.load import build_teacher
-
-            rows = distinct_captions(emb["caption"], knn_max_captions)
-            teacher_model = build_teacher(teacher_cfg)
-            teacher_emb = teacher_embeddings(teacher_model, [emb["caption"][i] for i in rows])
+            caption_lists["knn"] = [emb["caption"][i] for i in distinct_captions(emb["caption"], knn_max_captions)]
         if "caption_em" not in skip:
             em_sides = caption_sides(emb, train_emb)
-            if em_teacher_cfg is not None:  # the caption probe's teacher row: every rank embeds its share
-                from kclip.teacher.load import build_teacher
+            if em_teacher_cfg is not None:
+                caption_lists |= {"em_train": em_sides[1], "em_test": em_sides[3]}
+        if caption_lists:
+            from kclip.eval.teacher_cache import caption_embeddings
 
-                model = teacher_model if teacher_cfg is not None else build_teacher(em_teacher_cfg)
-                em_teacher = (teacher_embeddings(model, em_sides[1]), teacher_embeddings(model, em_sides[3]))
+            embedded = dict(zip(caption_lists, caption_embeddings(teacher_cfg or em_teacher_cfg,
+                                                                  list(caption_lists.values()))))
+            teacher_emb = embedded.get("knn")
+            if "em_train" in embedded:
+                em_teacher = (embedded["em_train"], embedded["em_test"])
     if not dist.is_main():
         return None
     if emb is not None:
@@ -268,6 +270,10 @@ def evaluate(loaded: LoadedModel, *, data: str | None, label_columns=(), templat
             rows = distinct_captions(emb["caption"], knn_max_captions)
             k = min(knn_k, len(rows) - 1)
             metrics["probe/teacher_knn_overlap"] = knn_overlap(emb["text"][rows], teacher_emb, k)
+            # Training distils (and clusters) centred teacher embeddings: the neighbourhoods of that space too, centred
+            # on these captions' own mean (the run's running mean is not kept in its export).
+            metrics["probe/teacher_knn_overlap_centred"] = knn_overlap(emb["text"][rows],
+                                                                       centred(teacher_emb, teacher_emb.mean(0)), k)
             metrics["probe/teacher_knn_chance"] = k / (len(rows) - 1)
             metrics["protocol/teacher_knn"] = f"k={k} over {len(rows)} distinct captions, cosine, self excluded"
         if "caption_em" not in skip:

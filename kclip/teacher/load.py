@@ -186,6 +186,17 @@ def _fingerprint(cfg: TeacherConfig, model_config, tokenizer, dtype: torch.dtype
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def teacher_tokenizer(cfg: TeacherConfig):
+    return load_tokenizer(cfg.path if cfg.path is not None else RANDOM_TEACHER_TOKENIZER)
+
+
+def teacher_fingerprint(cfg: TeacherConfig) -> str:
+    """The fingerprint `build_teacher(cfg)` gives its teacher, without loading its weights (their files are hashed
+    by size and sampled bytes): what caches of its embeddings are keyed by."""
+    check_teacher(cfg)
+    return _fingerprint(cfg, _model_config(cfg), teacher_tokenizer(cfg), resolve_dtype(cfg.dtype))
+
+
 def build_teacher(cfg: TeacherConfig, *, shard: bool | None = None) -> Teacher:
     """Load the frozen teacher. `shard=None`: ZeRO-3 when world_size > 1 or parameters are offloaded, else a plain
     module. Sharded, every rank must call this (it is collective) and the process group is started if needed."""
@@ -196,7 +207,7 @@ def build_teacher(cfg: TeacherConfig, *, shard: bool | None = None) -> Teacher:
         raise ValueError(f"teacher.offload={cfg.offload} needs the ZeRO-3 teacher (shard=True)")
     dtype = resolve_dtype(cfg.dtype)
     model_config = _model_config(cfg)
-    tokenizer = load_tokenizer(cfg.path if cfg.path is not None else RANDOM_TEACHER_TOKENIZER)
+    tokenizer = teacher_tokenizer(cfg)
     if len(tokenizer) > model_config.vocab_size:
         raise ValueError(f"teacher: tokenizer has {len(tokenizer)} tokens but the model only {model_config.vocab_size}")
     num_layers = model_config.num_hidden_layers
