@@ -14,7 +14,8 @@ from multiproc import run_ranks
 from transformers import LlamaConfig, LlamaModel
 
 from kclip.config import load_config
-from kclip.eval.run import eval_loader, evaluate, main, teacher_config
+from kclip.eval.run import eval_loader, evaluate, main
+from kclip.eval.teacher import teacher_config
 from kclip.retrieval.split import embed_split
 from kclip.export.load import load_model
 from kclip.train.loop import train

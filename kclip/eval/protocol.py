@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 DEFAULT_K = 10  # neighbours per caption in the teacher kNN overlap (kclip.eval.knn_overlap)
+# Without --probe-train, this fraction of --data (by image id / caption hash) is the probes' test side.
+PROBE_TEST_FRACTION = 0.3
 
 # Zero-shot prompts (kclip.eval.zeroshot).
 DEFAULT_TEMPLATES = (

@@ -23,12 +23,11 @@ Images with several captions count once in zero-shot and the probes (first recor
 
 Runs on one process, or on several (deepspeed/torchrun launchers): embeddings and teacher embeddings are computed in
 shares and gathered; everything after that runs on rank 0, which writes the file. The teacher's embeddings of the
-captions are cached between evaluations (kclip.eval.teacher_cache).
+captions are cached between evaluations (kclip.eval.teacher).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -37,8 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kclip import console
-from kclip.config import ConfigError
-from kclip.eval.protocol import DEFAULT_K, DEFAULT_TEMPLATES, ProbeConfig
+from kclip.eval.protocol import DEFAULT_K, DEFAULT_TEMPLATES, PROBE_TEST_FRACTION, ProbeConfig
 from kclip.export.format import ModelLoadError
 
 # The probes and the model code import torch: each function imports what it uses, so that `kclip eval --help` and
@@ -49,8 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROBES = ("retrieval", "zeroshot", "linear", "knn", "caption_em")
-# Without --probe-train, this fraction of --data (by image id / caption hash) is the probes' test side.
-PROBE_TEST_FRACTION = 0.3
 KNN_MAX_CAPTIONS = 5000
 
 
@@ -103,103 +99,6 @@ def linear_probes(train: dict, test: dict, columns) -> dict:
     return out
 
 
-def caption_sides(test_emb: dict, train_emb: dict | None):
-    """(train text embeddings, train captions, test text embeddings, test captions) of the caption probe: distinct
-    captions of --probe-train and --data, or a fixed split of --data's distinct captions by text hash."""
-    import torch
-
-    from kclip.eval.knn_overlap import distinct_captions
-    from kclip.eval.linear_probe import holdout_mask
-    from kclip.retrieval.split import caption_key
-
-    def distinct(emb):
-        rows = distinct_captions(emb["caption"])
-        return emb["text"][rows], [emb["caption"][i] for i in rows]
-
-    test_text, test_caps = distinct(test_emb)
-    if train_emb is not None:
-        train_text, train_caps = distinct(train_emb)
-    else:
-        held = holdout_mask(torch.tensor([caption_key(c) for c in test_caps]), PROBE_TEST_FRACTION)
-        train_text, train_caps = test_text[~held], [c for c, h in zip(test_caps, held) if not h]
-        test_text, test_caps = test_text[held], [c for c, h in zip(test_caps, held) if h]
-    return train_text, train_caps, test_text, test_caps
-
-
-def caption_probe(loaded: LoadedModel, sides, cfg: ProbeConfig, teacher_emb=None, em_decoder: str | None = None) -> dict:
-    """probe/caption_em... keys (see the module docstring); `teacher_emb`: (train, test) teacher embeddings of the
-    sides' captions, for the teacher row; `em_decoder`: a pretrained causal LM replacing stage 1."""
-    import dataclasses
-
-    from kclip.eval.caption_em import caption_em
-
-    train_text, train_caps, test_text, test_caps = sides
-    others = {"teacher": teacher_emb} if teacher_emb is not None else {}
-    lm = None
-    if em_decoder:
-        from kclip.eval.lm_decoder import load_lm
-
-        lm = load_lm(em_decoder, loaded.device)
-    out = {}
-    corpora = ("all", "train") if cfg.corpus == "both" else (cfg.corpus,)
-    for i, corpus in enumerate(corpora if lm is None else corpora[:1]):
-        r = caption_em(train_text, train_caps, test_text, test_caps, dataclasses.replace(cfg, corpus=corpus),
-                       device=loaded.device, others=others, upper_bound=lm is None, lm=lm)
-        key = "probe/caption_em" + ("_traincorpus" if i else "")
-        out.update({key: r["em"], f"{key}_train": r["train_em"]})
-        out.update({f"{key}_{name}": r[f"{name}/em"] for name in ("autoencoder", "teacher") if f"{name}/em" in r})
-        out.update({"probe/caption_em_num_test": r["num_test"], "probe/caption_em_num_train": r["num_train"]})
-    return out
-
-
-def caption_protocol(cfg: ProbeConfig, probe_train: str | None, em_decoder: str | None) -> str:
-    corpus = {"all": "the training and held-out captions (text only)", "train": "the training captions only",
-              "both": "the training and held-out captions (text only); *_traincorpus: the training captions only"}
-    decoder = (f"frozen pretrained LM {em_decoder}, embedding -> Linear+LayerNorm -> {cfg.prefix_tokens} soft "
-               "prefix tokens" if em_decoder else f"stage 1: byte autoencoder trained on {corpus[cfg.corpus]}")
-    return f"{cfg.describe()}; {decoder}; stage 2 train: " + (
-        probe_train if probe_train else f"{1 - PROBE_TEST_FRACTION:.0%} of distinct captions by text hash")
-
-
-def teacher_config(loaded: LoadedModel, path: str | None):
-    """The teacher settings for the kNN probe: the run's (if it trained with one), with `path` replacing its model."""
-    if path is None and not loaded.cfg.needs_teacher:
-        return None
-    cfg = copy.deepcopy(loaded.cfg.teacher)
-    if path is not None:
-        cfg.path, cfg.random_config = path, None
-    elif cfg.path is not None:
-        cfg.path = run_teacher_path(cfg.path, Path(loaded.source))
-    return cfg
-
-
-def caption_teacher_config(loaded: LoadedModel, path: str | None):
-    """The teacher for the caption probe's teacher row when the kNN probe is skipped: as teacher_config, None (the
-    row left out, one log line) when the run's teacher cannot be found here."""
-    try:
-        return teacher_config(loaded, path)
-    except ConfigError as e:
-        log.info("caption EM: no teacher row (%s)", e)
-        return None
-
-
-def run_teacher_path(path: str, source: Path) -> str:
-    """The run's teacher.path as it reads from here. A relative one was read from the directory the run was launched
-    in, which the run does not record; a run folder usually lies below it (`--output runs/NAME`), so it is looked for
-    from here, then from `source` (the checkpoint or export read) and each folder above it, nearest first."""
-    if os.path.exists(path):
-        return path
-    start = source.absolute()
-    if not os.path.isabs(path):
-        for folder in (start, *start.parents):
-            if (folder / path).exists():
-                log.info("teacher.path: %s (the run's) is not here; using %s", path, folder / path)
-                return str(folder / path)
-    where = "" if os.path.isabs(path) else f" (relative: looked for from {os.getcwd()}, {start} and every folder above)"
-    raise ConfigError(f"teacher.path: the run's teacher {path} is not found{where}; pass --teacher PATH for the kNN "
-                      f"probe, or --skip knn")
-
-
 def evaluate(loaded: LoadedModel, *, data: str | None, label_columns=(), templates=DEFAULT_TEMPLATES,
              batch_size: int = 64, workers: int = 0, probe_train: str | None = None, awa2: str | None = None,
              cub: str | None = None, skip=(), knn_k: int = DEFAULT_K, knn_max_captions: int = KNN_MAX_CAPTIONS,
@@ -210,8 +109,10 @@ def evaluate(loaded: LoadedModel, *, data: str | None, label_columns=(), templat
     with the teacher a Knowledge-CLIP run distilled from."""
     from kclip import dist
     from kclip.eval import attributes
+    from kclip.eval.caption_probe import caption_probe, caption_protocol, caption_sides
     from kclip.eval.knn_overlap import distinct_captions, knn_overlap
     from kclip.eval.linear_probe import LAMBDAS, VALIDATION_FRACTION
+    from kclip.eval.teacher import caption_embeddings, caption_teacher_config, teacher_config
     from kclip.retrieval.metrics import group_ids, retrieval_metrics
     from kclip.eval.zeroshot import zero_shot
     from kclip.retrieval.split import embed_split
@@ -238,8 +139,6 @@ def evaluate(loaded: LoadedModel, *, data: str | None, label_columns=(), templat
             if em_teacher_cfg is not None:
                 caption_lists |= {"em_train": em_sides[1], "em_test": em_sides[3]}
         if caption_lists:
-            from kclip.eval.teacher_cache import caption_embeddings
-
             embedded = dict(zip(caption_lists, caption_embeddings(teacher_cfg or em_teacher_cfg,
                                                                   list(caption_lists.values()))))
             teacher_emb = embedded.get("knn")

@@ -1,5 +1,5 @@
-"""The teacher's embeddings of the captions `kclip eval` compares a student with (the kNN probe, the caption probe's
-teacher row), kept in the user's cache.
+"""The teacher `kclip eval` compares a student with (the kNN probe, the caption probe's teacher row): the run's, found
+from wherever the evaluation runs, or one given; and its embeddings of the probes' captions, kept in the user's cache.
 
 A study evaluates many students on the same split against the same teacher: loading the teacher took about 30 s of
 each such evaluation on the demo, embedding its few hundred captions a second. A cached list is found by its key: the
@@ -12,19 +12,63 @@ back as n finite rows is recomputed and rewritten.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from kclip import dist
-from kclip.config import TeacherConfig
+from kclip.config import ConfigError, TeacherConfig
 from kclip.eval.knn_overlap import teacher_embeddings
 from kclip.gguf_files import cache_root
 
+if TYPE_CHECKING:
+    from kclip.export.load import LoadedModel
+
 log = logging.getLogger(__name__)
+
+
+def teacher_config(loaded: LoadedModel, path: str | None):
+    """The teacher settings for the kNN probe: the run's (if it trained with one), with `path` replacing its model."""
+    if path is None and not loaded.cfg.needs_teacher:
+        return None
+    cfg = copy.deepcopy(loaded.cfg.teacher)
+    if path is not None:
+        cfg.path, cfg.random_config = path, None
+    elif cfg.path is not None:
+        cfg.path = run_teacher_path(cfg.path, Path(loaded.source))
+    return cfg
+
+
+def caption_teacher_config(loaded: LoadedModel, path: str | None):
+    """The teacher for the caption probe's teacher row when the kNN probe is skipped: as teacher_config, None (the
+    row left out, one log line) when the run's teacher cannot be found here."""
+    try:
+        return teacher_config(loaded, path)
+    except ConfigError as e:
+        log.info("caption EM: no teacher row (%s)", e)
+        return None
+
+
+def run_teacher_path(path: str, source: Path) -> str:
+    """The run's teacher.path as it reads from here. A relative one was read from the directory the run was launched
+    in, which the run does not record; a run folder usually lies below it (`--output runs/NAME`), so it is looked for
+    from here, then from `source` (the checkpoint or export read) and each folder above it, nearest first."""
+    if os.path.exists(path):
+        return path
+    start = source.absolute()
+    if not os.path.isabs(path):
+        for folder in (start, *start.parents):
+            if (folder / path).exists():
+                log.info("teacher.path: %s (the run's) is not here; using %s", path, folder / path)
+                return str(folder / path)
+    where = "" if os.path.isabs(path) else f" (relative: looked for from {os.getcwd()}, {start} and every folder above)"
+    raise ConfigError(f"teacher.path: the run's teacher {path} is not found{where}; pass --teacher PATH for the kNN "
+                      f"probe, or --skip knn")
 
 
 def cache_path(fingerprint: str, captions: list[str]) -> Path:
