@@ -226,3 +226,29 @@ def test_a_shard_deleted_mid_run_is_named_in_one_line(tmp_path, restore_env, wor
     message = one_line(caught.value)  # from a worker, the text carries the worker's traceback
     assert "\n" not in message and message.startswith("data: shard shard.") and f"of {folder} is gone" in message
     assert message.split()[2].removesuffix(".mds.zstd") != shards[0].removesuffix(".mds.zstd")
+
+
+def test_a_deleted_shard_met_first_by_the_prefetch_thread_fails_instead_of_ending_the_epoch_early(
+        tmp_path, restore_env, monkeypatch):
+    """streaming's yield loop stops, silently, once its prefetch thread has failed: a short epoch would pass for a
+    whole one. Reads are slowed and skip kclip's own check, so the prefetch thread is the one that meets the shard."""
+    from streaming import StreamingDataset
+
+    from kclip.data import datasets
+
+    def slow_unchecked_read(self, index, retry):
+        time.sleep(0.02)
+        return StreamingDataset.get_item(self, index, retry)
+
+    monkeypatch.setattr(datasets.LocalDataset, "read_record", slow_unchecked_read)
+    folder = write_dataset(tmp_path / "d", 80)
+    first = sorted(p for p in os.listdir(folder) if p.endswith(".zstd"))[0].split(".mds")[0] + "."
+    batches = loader(folder, num_workers=0)
+    for name in os.listdir(folder):
+        if name.startswith("shard.") and not name.startswith(first):
+            os.remove(os.path.join(folder, name))
+    seen = []
+    with pytest.raises(datasets.DataError, match=r"^data: shard shard\.0000[1-9]\.mds\.zstd of .* is gone"):
+        for batch in batches:
+            seen.append(batch)
+    assert 0 < len(seen) < 20  # the first shard's batches came, and nothing after them passed for an epoch's end
