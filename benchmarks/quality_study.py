@@ -75,6 +75,7 @@ from kclip.config import (
 from kclip.validate import validate
 from kclip.report import is_number, natural, save
 from kclip.train.checkpoint import tag_for
+from kclip.train.metrics import read_metrics
 
 BASELINE = "plain"
 # Paired seeds a difference needs to be a headline number: below 5, its SE rests on at most 3 degrees of freedom and
@@ -89,60 +90,69 @@ TEACHER_TOKENS = ["student.tokenizer=teacher", "student.token_init=teacher"]
 
 # name -> overrides on top of the study's config. Same seed = same data order and student init, so every variant is
 # compared with `plain` run by run (see the module docstring).
-# The concept heads' own optimizer group (kclip/train/engine.py, optim.head_*).
+# The concept heads' own optimizer group (kclip/train/engine.py, optim.head_*), and the heads in the towers' group
+# (the library's default). Every variant names one of the two and its beta, so that it keeps its meaning when the demo
+# config changes them (the demo had the towers' pace and beta 0.01 until 2026-12-08).
 HEADS_OWN_PACE = ["optim.head_grad_clip=1.0", "optim.head_eps=1e-10", "optim.head_lr_scale=10"]
+TOWER_PACE_HEADS = ["optim.head_grad_clip=null", "optim.head_eps=null", "optim.head_lr_scale=1.0"]
 VARIANTS: dict[str, list[str]] = {
     # CLIP's contrastive loss alone: the baseline every difference is taken against.
-    "plain": ["loss.distill_weight=0", "loss.concept_weight=0", *BYTES],
+    "plain": ["loss.distill_weight=0", "loss.concept_weight=0", *BYTES, *TOWER_PACE_HEADS],
     # Plain CLIP on the teacher's vocabulary with random token embeddings: no teacher knowledge at all, and the same
     # text-tower shape as the teacher-vocabulary variants, which it separates the vocabulary's share of their gain from.
     "plain_teacher_vocab": ["loss.distill_weight=0", "loss.concept_weight=0", "student.tokenizer=teacher",
-                            "student.token_init=random"],
+                            "student.token_init=random", *TOWER_PACE_HEADS],
     # The teacher's token embeddings as the start, and no teacher loss: against plain_teacher_vocab it is the
     # initialisation's share of the teacher's gain, against the teacher-loss variants the losses' share.
-    "token_init_alone": ["loss.distill_weight=0", "loss.concept_weight=0", *TEACHER_TOKENS],
+    "token_init_alone": ["loss.distill_weight=0", "loss.concept_weight=0", *TEACHER_TOKENS, *TOWER_PACE_HEADS],
     # Distillation alone in its landed default form: does the teacher's text embedding help without concepts?
-    "distill_raw_cosine": ["loss.concept_weight=0", "loss.distill_kind=cosine", "loss.distill_target=raw", *BYTES],
+    "distill_raw_cosine": ["loss.concept_weight=0", "loss.distill_kind=cosine", "loss.distill_target=raw", *BYTES,
+                           *TOWER_PACE_HEADS],
     # Cosine to mean-centred teacher embeddings: does removing the teacher's common direction (anisotropy) help?
     "distill_centered_cosine": ["loss.concept_weight=0", "loss.distill_kind=cosine", "loss.distill_target=centered",
-                                *BYTES],
+                                *BYTES, *TOWER_PACE_HEADS],
     # Cosine to whitened teacher embeddings: does equalising the teacher's dimensions help further?
     "distill_whitened_cosine": ["loss.concept_weight=0", "loss.distill_kind=cosine", "loss.distill_target=whitened",
-                                *BYTES],
+                                *BYTES, *TOWER_PACE_HEADS],
     # Match the batch's similarity structure instead of the vectors: is the geometry what transfers?
     "distill_relational": ["loss.concept_weight=0", "loss.distill_kind=relational", "loss.distill_target=centered",
-                           *BYTES],
+                           *BYTES, *TOWER_PACE_HEADS],
     # Contrastive distillation (the teacher's own caption is the positive among the batch's): sharper than cosine?
     "distill_contrastive": ["loss.concept_weight=0", "loss.distill_kind=contrastive", "loss.distill_target=centered",
-                            *BYTES],
+                            *BYTES, *TOWER_PACE_HEADS],
     # Concept learning alone (k-means concepts of the teacher's embeddings, no distillation).
-    "concepts_only": ["loss.distill_weight=0", *BYTES],
+    "concepts_only": ["loss.distill_weight=0", *BYTES, *TOWER_PACE_HEADS, "loss.concept_weight=0.01"],
     # beta: 10x the paper's 0.01, which leaves the concept heads almost untrained at this scale.
-    "concepts_beta0.1": ["loss.distill_weight=0", "loss.concept_weight=0.1", *BYTES],
+    "concepts_beta0.1": ["loss.distill_weight=0", "loss.concept_weight=0.1", *BYTES, *TOWER_PACE_HEADS],
     # tau: softer soft labels (0.2 instead of 0.05) carry more of each caption's similarity to every concept.
-    "concepts_tau0.2": ["loss.distill_weight=0", "concepts.tau=0.2", *BYTES],
+    "concepts_tau0.2": ["loss.distill_weight=0", "concepts.tau=0.2", *BYTES, *TOWER_PACE_HEADS,
+                        "loss.concept_weight=0.01"],
     # Knowledge-CLIP's three losses together, with the contrastive distillation form.
-    "all_three": ["loss.distill_kind=contrastive", "loss.distill_target=centered", *BYTES],
+    "all_three": ["loss.distill_kind=contrastive", "loss.distill_target=centered", *BYTES, *TOWER_PACE_HEADS,
+                  "loss.concept_weight=0.01"],
     # The teacher's middle layer instead of its last: are mid-layer features a better target?
     "distill_contrastive_mid_layer": ["loss.concept_weight=0", "loss.distill_kind=contrastive",
-                                      "loss.distill_target=centered", "teacher.layer=15", *BYTES],
+                                      "loss.distill_target=centered", "teacher.layer=15", *BYTES, *TOWER_PACE_HEADS],
     # The teacher's tokenizer and token embeddings for the student instead of bytes: does the teacher's vocabulary help?
     "distill_contrastive_teacher_tok": ["loss.concept_weight=0", "loss.distill_kind=contrastive",
-                                        "loss.distill_target=centered", *TEACHER_TOKENS],
-    # The same with concept learning on: all three objectives with the teacher's vocabulary (the demo's default).
-    "all_three_teacher_tok": ["loss.distill_kind=contrastive", "loss.distill_target=centered", *TEACHER_TOKENS],
+                                        "loss.distill_target=centered", *TEACHER_TOKENS, *TOWER_PACE_HEADS],
+    # The same with concept learning on: all three objectives with the teacher's vocabulary, at the paper's beta
+    # (the demo's default until 2026-12-08).
+    "all_three_teacher_tok": ["loss.distill_kind=contrastive", "loss.distill_target=centered", *TEACHER_TOKENS,
+                              *TOWER_PACE_HEADS, "loss.concept_weight=0.01"],
     # The same with the concept heads at their own pace (own optimizer group: 10x lr, eps 1e-10, clipped apart from
     # the towers), without which the heads' gradients at beta 0.01 fall below AdamW's eps once clipped with the towers.
     "all_three_heads_own_pace": ["loss.distill_kind=contrastive", "loss.distill_target=centered", *TEACHER_TOKENS,
-                                 *HEADS_OWN_PACE],
-    # ... with beta 0.1: the concept gradient on the towers from 0.8% of the contrastive one (at the start) to ~10%.
+                                 *HEADS_OWN_PACE, "loss.concept_weight=0.01"],
+    # ... with beta 0.1: the concept gradient on the towers from 0.8% of the contrastive one (at the start) to ~10%
+    # (the demo's default since 2026-12-08, chosen on val by the study of that day).
     "all_three_heads_own_pace_beta0.1": ["loss.distill_kind=contrastive", "loss.distill_target=centered",
                                          *TEACHER_TOKENS, *HEADS_OWN_PACE, "loss.concept_weight=0.1"],
     # ... with 100 concepts instead of 32, and with softer labels (tau 0.2 instead of 0.05).
     "all_three_heads_own_pace_k100": ["loss.distill_kind=contrastive", "loss.distill_target=centered",
-                                      *TEACHER_TOKENS, *HEADS_OWN_PACE, "concepts.k=100"],
+                                      *TEACHER_TOKENS, *HEADS_OWN_PACE, "concepts.k=100", "loss.concept_weight=0.01"],
     "all_three_heads_own_pace_tau0.2": ["loss.distill_kind=contrastive", "loss.distill_target=centered",
-                                        *TEACHER_TOKENS, *HEADS_OWN_PACE, "concepts.tau=0.2"],
+                                        *TEACHER_TOKENS, *HEADS_OWN_PACE, "concepts.tau=0.2", "loss.concept_weight=0.01"],
 }
 
 # Config sections that do not change what a run learns: a run folder that differs only there is still comparable.
@@ -253,6 +263,17 @@ def run_metrics(raw: dict) -> dict[str, float]:
     return out
 
 
+def concept_kl(folder: Path) -> dict[str, float]:
+    """train/concept_kl_{first,end}: the run's logged concept KL (mean over heads, nats) in the first logging window
+    after the concept bank's first fit, and in the last; train/concept_kl_ratio = end / first. Empty for a run
+    without concept learning."""
+    rows = [r for r in read_metrics(folder) if "loss/concept/kl" in r]
+    if not rows:
+        return {}
+    first, end = rows[0]["loss/concept/kl"], rows[-1]["loss/concept/kl"]
+    return {"train/concept_kl_first": first, "train/concept_kl_end": end, "train/concept_kl_ratio": end / first}
+
+
 def describe(values: list[float]) -> dict:
     """Mean and sample std (ddof=1; None for fewer than 2 values) over seeds."""
     return {"mean": statistics.fmean(values) if values else None,
@@ -299,7 +320,8 @@ def key_metrics(label_cols: list[str], present: set[str]) -> list[str]:
     """The metrics the tables and plots show, in this order, where any run has them."""
     keys = ["retrieval/mean_R@10", "retrieval/i2t_R@10", "retrieval/t2i_R@10", "retrieval/i2t_R@1",
             "retrieval/t2i_R@1", *(f"zeroshot/{c}/top1" for c in label_cols),
-            *(f"probe/linear/{c}/top1" for c in label_cols), "probe/teacher_knn_overlap", "probe/caption_em"]
+            *(f"probe/linear/{c}/top1" for c in label_cols), "probe/teacher_knn_overlap",
+            "probe/teacher_knn_overlap_centred", "probe/caption_em", "train/concept_kl_end", "train/concept_kl_ratio"]
     return [k for k in keys if k in present]
 
 
@@ -508,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, dict[str, float]]] = {}
     for r in runs:
         if (r.folder / metrics_file).is_file():
-            results.setdefault(r.variant, {})[r.seed] = run_metrics(json.loads((r.folder / metrics_file).read_text()))
+            results.setdefault(r.variant, {})[r.seed] = (run_metrics(json.loads((r.folder / metrics_file).read_text()))
+                                                         | concept_kl(r.folder))
     summary, paired = summarize(results, args.baseline)
     present = {m for by_seed in results.values() for metrics in by_seed.values() for m in metrics}
     teachers = {r.variant: r.cfg.teacher for r in runs}
