@@ -97,41 +97,43 @@ class LocalDataset(StreamingDataset):
     def _background_failed(self) -> bool:
         return getattr(self, "_event", None) is not None and self._event.is_set()
 
-    def _gone(self, missing: str) -> DataError:
+    def _failure(self, missing: str | None) -> DataError:
+        """The one-line error for a shard gone from disk (`missing`), or else for streaming's read-ahead having
+        failed, once streaming's background threads are stopped."""
         if hasattr(self, "_event"):
             # Stop streaming's background threads, as streaming does when a read fails, and wait for them: a
             # prefetch still retrying the shard would otherwise raise in the middle of whatever runs next.
             self._event.set()
             self._executor.shutdown(wait=True)
-        return DataError(f"data: shard {missing} of {self.streams[0].local} is gone (deleted during the run?): "
-                         "restore it, then continue with --resume latest")
+        folder = self.streams[0].local
+        if missing is not None:
+            return DataError(f"data: shard {missing} of {folder} is gone (deleted during the run?): restore it, then "
+                             "continue with --resume latest")
+        return DataError(f"data: reading ahead in {folder} failed (the log holds streaming's error, e.g. a damaged "
+                         "shard); fix the data, then continue with --resume latest")
 
     def _first_missing_shard(self) -> str | None:
         return next(filter(None, (self._missing_shard(s) for s in range(len(self.shards)))), None)
 
     def read_record(self, index: int, retry: int) -> dict:
         """Record `index`, after checking that its shard is still on disk (one stat when it is: streaming stats the
-        same file itself). A shard deleted mid-run is then one line naming it. Unchecked, the read ends in
-        streaming's "In the absence of local dataset, path to remote dataset must be provided", or waits forever for
-        the shard its prefetch thread left marked as being prepared."""
+        same file itself) and that streaming's read-ahead has not failed. Either is then one line. Unchecked, the read
+        ends in streaming's "In the absence of local dataset, path to remote dataset must be provided", or waits
+        forever for a shard its failed prefetch thread left marked as being prepared."""
         missing = self._missing_shard(self.spanner[index][0])
         if missing is None and self._background_failed():
-            missing = self._first_missing_shard()
+            raise self._failure(self._first_missing_shard())
         if missing is not None:
-            raise self._gone(missing)
+            raise self._failure(missing)
         return StreamingDataset.get_item(self, index, retry)
 
     def __iter__(self):
         yield from super().__iter__()
-        # When streaming's prefetch thread fails (it met a deleted shard first), streaming ends the epoch early and
-        # silently, and raises "Background thread failed. Check other traceback." only at the next epoch's start: a
-        # short epoch would pass for a whole one.
+        # When streaming's prefetch thread fails (it met a deleted or damaged shard first), streaming ends the epoch
+        # early and silently, and raises "Background thread failed. Check other traceback." only at the next epoch's
+        # start: a short epoch would pass for a whole one.
         if self._background_failed():
-            missing = self._first_missing_shard()
-            if missing is not None:
-                raise self._gone(missing)
-            raise DataError(f"data: reading ahead in {self.streams[0].local} failed, which ended the epoch early "
-                            "(the log holds streaming's error); fix the data, then continue with --resume latest")
+            raise self._failure(self._first_missing_shard())
 
 
 class CaptionImageDataset(LocalDataset):
