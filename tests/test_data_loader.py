@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 
 import pytest
@@ -248,15 +249,17 @@ def test_a_deleted_shard_met_first_by_the_prefetch_thread_fails_instead_of_endin
         next(batches)
 
 
-def test_a_damaged_compressed_shard_is_one_line_not_a_hang(tmp_path, restore_env):
-    """streaming's prefetch thread fails to decompress the shard and leaves it marked as being prepared, where a read
-    of it would wait forever."""
+@pytest.mark.parametrize("which", [0, -1])  # the first shard: both threads prepare it at once; the last: read ahead
+def test_a_damaged_compressed_shard_is_one_line_not_a_hang(tmp_path, restore_env, which):
+    """A thread whose decompression fails leaves the shard marked as being prepared, where streaming's own wait for
+    it (the reading thread's) would sleep forever."""
     from kclip.data.datasets import DataError
 
     folder = write_dataset(tmp_path / "d", 80)
-    last = sorted(p for p in os.listdir(folder) if p.endswith(".zstd"))[-1]
+    last = sorted(p for p in os.listdir(folder) if p.endswith(".zstd"))[which]
     with open(os.path.join(folder, last), "r+b") as f:  # same size, so only the decompression can tell
         f.write(b"\0" * 64)
-    with pytest.raises(DataError, match=rf"^data: reading ahead in {folder} failed"):
+    # Read in the process (the shard's first read prepares it) or met first by the prefetch thread: the same line.
+    with pytest.raises(DataError, match=rf"^data: shard {re.escape(last)} of {re.escape(folder)} cannot be read"):
         for _ in loader(folder, num_workers=0):
             pass

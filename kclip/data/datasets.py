@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from streaming import StreamingDataset
 from streaming.base.dataset import _ShardState
@@ -27,6 +28,8 @@ from kclip.data.transforms import crop_draws, decode_rgb, eval_pixels, train_pix
 from kclip.dist import map_launcher_env
 
 log = logging.getLogger(__name__)
+
+PREPARE_POLL_S = 0.007  # streaming's own TICK while it waits for a shard being prepared
 
 # Consecutive undecodable records tolerated before giving up: more means the data, not a record, is broken.
 MAX_REPLACEMENTS = 64
@@ -79,7 +82,14 @@ class LocalDataset(StreamingDataset):
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> int:
         if shard_id in self._prepared:
             return 0
-        delta = super().prepare_shard(shard_id, blocking)
+        # Never streaming's own wait (blocking=True): it sleeps while another thread holds the shard as being
+        # prepared, and a thread whose preparation failed (a damaged shard) leaves it so forever. This wait also
+        # looks at whether streaming's read-ahead has failed.
+        delta = super().prepare_shard(shard_id, False)
+        while blocking and self._shard_states[shard_id] == _ShardState.PREPARING:
+            if self._background_failed():
+                raise self._failure(None, shard_id)
+            time.sleep(PREPARE_POLL_S)
         # LOCAL is also the state of a shard present only compressed; the raw file is what reads need.
         raw = self.shards[shard_id].raw_data.basename
         if (self._shard_states[shard_id] == _ShardState.LOCAL
@@ -97,9 +107,10 @@ class LocalDataset(StreamingDataset):
     def _background_failed(self) -> bool:
         return getattr(self, "_event", None) is not None and self._event.is_set()
 
-    def _failure(self, missing: str | None) -> DataError:
-        """The one-line error for a shard gone from disk (`missing`), or else for streaming's read-ahead having
-        failed, once streaming's background threads are stopped."""
+    def _failure(self, missing: str | None, unreadable: int | None = None, reason: str = "") -> DataError:
+        """The one-line error for a shard gone from disk (`missing`), or one that cannot be prepared (`unreadable`:
+        its index, or else the one streaming's failed read-ahead left marked as being prepared), once streaming's
+        background threads are stopped."""
         if hasattr(self, "_event"):
             # Stop streaming's background threads, as streaming does when a read fails, and wait for them: a
             # prefetch still retrying the shard would otherwise raise in the middle of whatever runs next.
@@ -109,8 +120,14 @@ class LocalDataset(StreamingDataset):
         if missing is not None:
             return DataError(f"data: shard {missing} of {folder} is gone (deleted during the run?): restore it, then "
                              "continue with --resume latest")
-        return DataError(f"data: reading ahead in {folder} failed (the log holds streaming's error, e.g. a damaged "
-                         "shard); fix the data, then continue with --resume latest")
+        if unreadable is None:
+            unreadable = next((s for s, state in enumerate(self._shard_states)
+                               if state == _ShardState.PREPARING), None)
+        shard = None if unreadable is None else self.shards[unreadable]
+        name = "a shard" if shard is None else f"shard {(shard.zip_data or shard.raw_data).basename}"
+        reason = reason or " (the log holds streaming's error)"
+        return DataError(f"data: {name} of {folder} cannot be read{reason}: "
+                         "restore it or rebuild the dataset with `kclip prepare`, then continue with --resume latest")
 
     def _first_missing_shard(self) -> str | None:
         return next(filter(None, (self._missing_shard(s) for s in range(len(self.shards)))), None)
@@ -125,7 +142,13 @@ class LocalDataset(StreamingDataset):
             raise self._failure(self._first_missing_shard())
         if missing is not None:
             raise self._failure(missing)
-        return StreamingDataset.get_item(self, index, retry)
+        try:
+            return StreamingDataset.get_item(self, index, retry)
+        except Exception as e:  # noqa: BLE001 - what a damaged shard raises depends on its compression
+            shard = self.spanner[index][0]
+            if shard in self._prepared:  # on disk and read before: not a preparation failure
+                raise
+            raise self._failure(None, shard, f" ({type(e).__name__}: {' '.join(str(e).split())})") from e
 
     def __iter__(self):
         yield from super().__iter__()
